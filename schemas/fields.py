@@ -1,0 +1,56 @@
+"""Strict field types shared by the request schemas.
+
+JSON callers must send JSON booleans and JSON integers: marshmallow's own fields would
+accept "true", 1 or "1700000000", which the contract rejects.
+"""
+
+from typing import Any
+
+from marshmallow import fields, validate
+
+# Unix seconds from 1970-01-01 to 9999-12-31T23:59:59Z: what every timestamp may hold.
+MAX_TIMESTAMP = 253402300799
+# Ids the service generates: 8 base62 characters of time, 8 random ones.
+CONVERSATION_ID_PATTERN = r"^[0-9A-Za-z]{16}$"
+# Ids owned by other services (contacts, groups, messages).
+REFERENCE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class StrictBoolean(fields.Boolean):
+    """A boolean that accepts only JSON true/false (and never 1, "true" or "yes")."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if value is True or value is False:
+            return value
+        raise self.make_error("invalid", input=value)
+
+
+def timestamp(**kwargs: Any) -> fields.Integer:
+    """An integer Unix-seconds field, strict on type and range."""
+    return fields.Integer(
+        strict=True,
+        validate=validate.Range(0, MAX_TIMESTAMP, error="Must be between {min} and {max}."),
+        metadata={"description": "Unix time in seconds.", **kwargs.pop("metadata", {})},
+        **kwargs,
+    )
+
+
+def reference_id(**kwargs: Any) -> fields.String:
+    """An id of another service's object: 1 to 64 characters of [A-Za-z0-9_-]."""
+    return fields.String(
+        validate=validate.Regexp(
+            REFERENCE_ID_PATTERN, error="Must be 1 to 64 characters of A-Z, a-z, 0-9, _ or -."
+        ),
+        **kwargs,
+    )
+
+
+def conversation_id(**kwargs: Any) -> fields.String:
+    """A conversation id: 16 characters of [0-9A-Za-z]."""
+    return fields.String(
+        validate=validate.Regexp(
+            CONVERSATION_ID_PATTERN,
+            error="Must be a conversation id: 16 characters of 0-9, A-Z, a-z.",
+        ),
+        **kwargs,
+    )

@@ -1,0 +1,1 @@
+"""DigiVault Conversations service: the aiohttp application and its processes."""

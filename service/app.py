@@ -1,0 +1,53 @@
+"""The application factory: middlewares, routes and the resources' lifetimes."""
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+from aiohttp import web
+
+from service import handlers, probes
+from service.auth import TokenVerifier
+from service.bodies import MAX_BODY_BYTES
+from service.keys import DB_POOL, OPENAPI_DOCUMENT, SETTINGS, TOKEN_VERIFIER
+from service.middleware import auth_middleware, error_middleware, request_id_middleware
+from service.openapi import render_openapi
+from service.settings import Settings
+
+
+async def database_pool(app: web.Application) -> AsyncIterator[None]:
+    """The asyncpg pool, open for the application's lifetime."""
+    settings = app[SETTINGS]
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        # Bound every statement, so a stuck query cannot hold a request (and a connection) forever.
+        server_settings={"statement_timeout": str(settings.db_statement_timeout_ms)},
+    )
+    app[DB_POOL] = pool
+    yield
+    await pool.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The whole HTTP service for `settings`; `web.run_app` serves it."""
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware, auth_middleware],
+        client_max_size=MAX_BODY_BYTES,
+    )
+    app[SETTINGS] = settings
+    app[TOKEN_VERIFIER] = TokenVerifier(settings.auth)
+    app[OPENAPI_DOCUMENT] = render_openapi()
+    app.cleanup_ctx.append(database_pool)
+
+    app.router.add_get("/v1/conversations", handlers.list_conversations)
+    app.router.add_post("/v1/conversations", handlers.create_conversation)
+    item = app.router.add_resource("/v1/conversations/{id}", name="conversation")
+    item.add_route("GET", handlers.retrieve_conversation)
+    item.add_route("PUT", handlers.update_conversation)
+    item.add_route("PATCH", handlers.update_conversation)
+    item.add_route("DELETE", handlers.delete_conversation)
+    app.router.add_get("/healthz", probes.healthz)
+    app.router.add_get("/readyz", probes.readyz)
+    app.router.add_get("/openapi.json", probes.openapi_document)
+    return app

@@ -1,0 +1,88 @@
+"""Reading request input (query strings and bodies) into schema-validated dicts."""
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+from marshmallow import Schema, fields
+from multidict import MultiMapping
+
+from schemas.fields import StrictBoolean
+from service.errors import ApiError, validation_error
+
+MAX_BODY_BYTES = 64 * 1024
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+_DECIMAL = re.compile(r"-?[0-9]{1,20}")
+
+
+def _single_values(values: MultiMapping[str]) -> dict[str, str]:
+    """A query string or form as a plain dict; a name given twice is a validation error."""
+    repeated = {key for key in values if len(values.getall(key)) > 1}
+    if repeated:
+        raise validation_error({key: ["Given more than once."] for key in sorted(repeated)})
+    return {key: values[key] for key in values}
+
+
+def load_query(schema: Schema, query: MultiMapping[str]) -> dict[str, Any]:
+    """The query string, validated by `schema` (a ValidationError becomes a 422)."""
+    return schema.load(_single_values(query))
+
+
+async def read_body(request: web.Request, schema: Schema) -> dict[str, Any]:
+    """The body as JSON or form data, validated by `schema`.
+
+    400 for an empty, malformed or non-object body, 413 over 64 KiB, 415 for another content type,
+    422 for fields that the schema refuses.
+    """
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise ApiError(413, "The request body is larger than 64 KiB.")
+    if not request.body_exists:
+        raise ApiError(400, "The request body is empty; send a JSON object.")
+    if request.content_type == JSON:
+        data = _parse_json(await request.read())
+    elif request.content_type == FORM:
+        form = await request.post()
+        if not form:
+            raise ApiError(400, "The request body is empty; send at least one field.")
+        data = _form_values(schema, _single_values(form))  # type: ignore[arg-type]
+    else:
+        raise ApiError(
+            415,
+            f"Content-Type must be {JSON} or {FORM}.",
+            headers={"Accept-Post": f"{JSON}, {FORM}"},
+        )
+    return schema.load(data)
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise ApiError(400, "The request body is empty; send a JSON object.")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    return data
+
+
+def _form_values(schema: Schema, form: Mapping[str, str]) -> dict[str, Any]:
+    """Form fields typed as the schema wants them: true/false, decimal integers, empty = null.
+
+    Anything else stays a string, so the schema reports it as the wrong type.
+    """
+    typed: dict[str, Any] = {}
+    for key, value in form.items():
+        field = schema.fields.get(key)
+        if field is not None and value == "" and field.allow_none:
+            typed[key] = None
+        elif isinstance(field, StrictBoolean) and value in ("true", "false"):
+            typed[key] = value == "true"
+        elif isinstance(field, fields.Integer) and _DECIMAL.fullmatch(value):
+            typed[key] = int(value)
+        else:
+            typed[key] = value
+    return typed

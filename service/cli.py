@@ -1,0 +1,107 @@
+"""The `conversations` command: serve, migrate, token, openapi."""
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import asyncpg
+
+from service.settings import ConfigError, load_auth_settings, load_settings
+
+DEV_SCOPES = ["conversations:read", "conversations:write"]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+    from aiohttp import web
+
+    from service.app import create_app
+
+    settings = load_settings()
+    _configure_logging(settings.log_level)
+    uvloop.install()
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=lambda message: logging.getLogger("service").info(message),
+    )
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from service.migrations import MigrationError, migrate
+
+    settings = load_settings()
+    _configure_logging(settings.log_level)
+
+    async def run() -> list[str]:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return await migrate(conn)
+        finally:
+            await conn.close()
+
+    try:
+        applied = asyncio.run(run())
+    except MigrationError as error:
+        print(f"conversations migrate: {error}", file=sys.stderr)
+        return 1
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from service.auth import mint_token
+
+    auth = load_auth_settings()
+    scopes = args.scope.split() if args.scope else DEV_SCOPES
+    print(mint_token(auth, args.account, scopes, args.ttl))
+    return 0
+
+
+def _openapi(args: argparse.Namespace) -> int:
+    from service.openapi import render_openapi
+
+    sys.stdout.buffer.write(render_openapi())
+    return 0
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, one subcommand per process or tool."""
+    parser = argparse.ArgumentParser(
+        prog="conversations", description="DigiVault Conversations service."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="serve the HTTP API").set_defaults(run=_serve)
+    commands.add_parser("migrate", help="apply pending database migrations").set_defaults(
+        run=_migrate
+    )
+    token = commands.add_parser("token", help="print a development bearer token")
+    token.add_argument("--account", required=True, help="the account id (the token's sub)")
+    token.add_argument(
+        "--scope", help='space-separated scopes (default: "conversations:read conversations:write")'
+    )
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.set_defaults(run=_token)
+    commands.add_parser("openapi", help="print the OpenAPI document").set_defaults(run=_openapi)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as error:
+        print(f"conversations {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Domain operations on conversations. Each write is one transaction: the row and its event."""
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from service import outbox, repository
+from service.ids import new_id
+from service.repository import ListFilter, StoredConversation
+
+# An If-Match header as a set of entity-tag values ("3", or "*" for any version); None if absent.
+IfMatch = frozenset[str] | None
+
+# Inserting can meet a conflict whose row is deleted before we read it; then we simply try again.
+_CREATE_ATTEMPTS = 3
+
+
+class ConversationNotFound(Exception):
+    """No such conversation in this account (another account's looks exactly the same)."""
+
+
+class VersionMismatch(Exception):
+    """The caller's If-Match names a version the conversation no longer has."""
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of the list, newest first, and whether another exists in the direction of travel."""
+
+    conversations: list[StoredConversation]
+    has_more: bool
+
+
+def _check_version(current: StoredConversation, if_match: IfMatch) -> None:
+    if if_match is not None and "*" not in if_match and str(current.version) not in if_match:
+        raise VersionMismatch
+
+
+async def create(
+    pool: asyncpg.Pool, account_id: str, fields: dict[str, Any], traceparent: str | None = None
+) -> tuple[StoredConversation, bool]:
+    """A new conversation for the contact or group, or the one it already has.
+
+    Returns the conversation and whether it was created. Race-safe: concurrent creates for one
+    contact meet the unique index, and all but one find the winner's row.
+    """
+    for _ in range(_CREATE_ATTEMPTS):
+        now_ms = time.time_ns() // 1_000_000
+        resource = {
+            "id": new_id(now_ms),
+            "contact_id": fields.get("contact_id"),
+            "group_id": fields.get("group_id"),
+            "pinned_message_id": fields.get("pinned_message_id"),
+            "is_pinned": fields.get("is_pinned", False),
+            "is_muted": fields.get("is_muted", False),
+            "last_active_at": fields.get("last_active_at"),
+            "last_opened_at": fields.get("last_opened_at"),
+            "created_at": now_ms // 1000,
+            "archived_at": None,
+        }
+        async with pool.acquire() as conn, conn.transaction():
+            created = await repository.insert(conn, account_id, resource)
+            if created is not None:
+                event = outbox.build_event(outbox.CREATED, account_id, created, created.version)
+                await outbox.record(conn, event, traceparent)
+                return created, True
+            existing = await repository.find_by_participant(
+                conn, account_id, resource["contact_id"], resource["group_id"]
+            )
+            if existing is not None:
+                return existing, False
+    raise RuntimeError("create kept conflicting with conversations deleted under it")
+
+
+async def get(pool: asyncpg.Pool, account_id: str, conversation_id: str) -> StoredConversation:
+    """One conversation of the account."""
+    async with pool.acquire() as conn:
+        found = await repository.get(conn, account_id, conversation_id)
+    if found is None:
+        raise ConversationNotFound
+    return found
+
+
+async def list_page(
+    pool: asyncpg.Pool,
+    account_id: str,
+    filters: ListFilter,
+    *,
+    limit: int,
+    starting_after: str | None = None,
+    ending_before: str | None = None,
+) -> Page:
+    """One page, newest first. A cursor is a position: any well-formed id works as one."""
+    async with pool.acquire() as conn:
+        rows = await repository.list_page(
+            conn, account_id, filters, limit=limit + 1, after=starting_after, before=ending_before
+        )
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    if ending_before is not None:
+        rows.reverse()  # fetched oldest-first from the cursor; pages are always newest first
+    return Page(rows, has_more)
+
+
+async def update(
+    pool: asyncpg.Pool,
+    account_id: str,
+    conversation_id: str,
+    changes: dict[str, Any],
+    if_match: IfMatch = None,
+    traceparent: str | None = None,
+) -> StoredConversation:
+    """Apply `changes` (writable fields only). A change that changes nothing keeps the version
+    and records no event."""
+    async with pool.acquire() as conn, conn.transaction():
+        current = await repository.get(conn, account_id, conversation_id, for_update=True)
+        if current is None:
+            raise ConversationNotFound
+        _check_version(current, if_match)
+        previous = {
+            field: current.resource[field]
+            for field, value in changes.items()
+            if current.resource[field] != value
+        }
+        if not previous:
+            return current
+        updated = await repository.update(conn, account_id, {**current.resource, **changes})
+        archived = "archived_at" in previous and previous["archived_at"] is None
+        event_type = outbox.ARCHIVED if archived else outbox.UPDATED
+        event = outbox.build_event(event_type, account_id, updated, updated.version, previous)
+        await outbox.record(conn, event, traceparent)
+        return updated
+
+
+async def delete(
+    pool: asyncpg.Pool,
+    account_id: str,
+    conversation_id: str,
+    if_match: IfMatch = None,
+    traceparent: str | None = None,
+) -> None:
+    """Delete permanently; the event carries the last state, one sequence past its version."""
+    async with pool.acquire() as conn, conn.transaction():
+        current = await repository.get(conn, account_id, conversation_id, for_update=True)
+        if current is None:
+            raise ConversationNotFound
+        _check_version(current, if_match)
+        await repository.delete(conn, account_id, conversation_id)
+        event = outbox.build_event(outbox.DELETED, account_id, current, current.version + 1)
+        await outbox.record(conn, event, traceparent)

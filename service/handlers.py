@@ -1,0 +1,163 @@
+"""HTTP handlers for /v1/conversations: HTTP and schemas only; the work is in `conversations`."""
+
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from schemas import ConversationCreateSchema, ConversationListQuerySchema, ConversationUpdateSchema
+from schemas.fields import CONVERSATION_ID_PATTERN
+from service import conversations
+from service.bodies import load_query, read_body
+from service.conversations import ConversationNotFound, IfMatch, VersionMismatch
+from service.errors import ApiError, not_found
+from service.keys import DB_POOL, PRINCIPAL
+from service.repository import ListFilter, StoredConversation
+
+_create_schema = ConversationCreateSchema()
+_update_schema = ConversationUpdateSchema()
+_list_query_schema = ConversationListQuerySchema()
+_ID = re.compile(CONVERSATION_ID_PATTERN)
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def json_response(
+    data: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response encoded with orjson."""
+    return web.Response(
+        body=orjson.dumps(data), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def _conversation_response(
+    conversation: StoredConversation, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return json_response(
+        conversation.resource,
+        status=status,
+        headers={"ETag": f'"{conversation.version}"', **(headers or {})},
+    )
+
+
+def _path_id(request: web.Request) -> str:
+    """The conversation id from the path; a malformed one names nothing, so it is a 404."""
+    conversation_id = request.match_info["id"]
+    if not _ID.fullmatch(conversation_id):
+        raise not_found()
+    return conversation_id
+
+
+def _if_match(request: web.Request) -> IfMatch:
+    """If-Match as a set of strong entity-tag values; weak tags never match (RFC 9110 13.1.1)."""
+    header = request.headers.get("If-Match")
+    if header is None:
+        return None
+    tags = set()
+    for tag in header.split(","):
+        tag = tag.strip()
+        if tag == "*":
+            tags.add("*")
+        elif len(tag) >= 2 and tag[0] == tag[-1] == '"':
+            tags.add(tag[1:-1])
+    return frozenset(tags)
+
+
+def _traceparent(request: web.Request) -> str | None:
+    """The caller's W3C trace context, kept with the event if it is well-formed."""
+    value = request.headers.get("traceparent", "").strip()
+    return value if _TRACEPARENT.fullmatch(value) else None
+
+
+async def list_conversations(request: web.Request) -> web.Response:
+    """GET /v1/conversations: a page, newest first."""
+    query = load_query(_list_query_schema, request.query)
+    if "starting_after" in query and "ending_before" in query:
+        raise ApiError(400, "Use starting_after or ending_before, not both.", param="ending_before")
+    page = await conversations.list_page(
+        request.app[DB_POOL],
+        request[PRINCIPAL].account_id,
+        ListFilter(
+            archived=query.get("archived"),
+            muted=query.get("muted"),
+            pinned=query.get("pinned"),
+            contact_id=query.get("contact_id"),
+            group_id=query.get("group_id"),
+        ),
+        limit=query["limit"],
+        starting_after=query.get("starting_after"),
+        ending_before=query.get("ending_before"),
+    )
+    return json_response(
+        {"has_more": page.has_more, "data": [item.resource for item in page.conversations]}
+    )
+
+
+async def create_conversation(request: web.Request) -> web.Response:
+    """POST /v1/conversations: 201 and the new conversation, or 200 and the existing one."""
+    fields = await read_body(request, _create_schema)
+    conversation, created = await conversations.create(
+        request.app[DB_POOL], request[PRINCIPAL].account_id, fields, _traceparent(request)
+    )
+    if not created:
+        return _conversation_response(conversation)
+    location = request.app.router["conversation"].url_for(id=conversation.resource["id"])
+    return _conversation_response(conversation, status=201, headers={"Location": str(location)})
+
+
+async def retrieve_conversation(request: web.Request) -> web.Response:
+    """GET /v1/conversations/{id}."""
+    try:
+        conversation = await conversations.get(
+            request.app[DB_POOL], request[PRINCIPAL].account_id, _path_id(request)
+        )
+    except ConversationNotFound:
+        raise not_found() from None
+    return _conversation_response(conversation)
+
+
+async def update_conversation(request: web.Request) -> web.Response:
+    """PUT or PATCH /v1/conversations/{id}: a partial update."""
+    conversation_id = _path_id(request)
+    changes = await read_body(request, _update_schema)
+    try:
+        conversation = await conversations.update(
+            request.app[DB_POOL],
+            request[PRINCIPAL].account_id,
+            conversation_id,
+            changes,
+            _if_match(request),
+            _traceparent(request),
+        )
+    except ConversationNotFound:
+        raise not_found() from None
+    except VersionMismatch:
+        raise _precondition_failed() from None
+    return _conversation_response(conversation)
+
+
+async def delete_conversation(request: web.Request) -> web.Response:
+    """DELETE /v1/conversations/{id}: permanent."""
+    conversation_id = _path_id(request)
+    try:
+        await conversations.delete(
+            request.app[DB_POOL],
+            request[PRINCIPAL].account_id,
+            conversation_id,
+            _if_match(request),
+            _traceparent(request),
+        )
+    except ConversationNotFound:
+        raise not_found() from None
+    except VersionMismatch:
+        raise _precondition_failed() from None
+    return json_response({"id": conversation_id, "deleted": True})
+
+
+def _precondition_failed() -> ApiError:
+    return ApiError(
+        412,
+        "The conversation has changed since the version in If-Match; fetch it and retry.",
+        param="If-Match",
+    )

@@ -1,0 +1,15 @@
+"""Every typed key for shared state on the application and on requests, in one place."""
+
+import asyncpg
+from aiohttp import web
+
+from service.auth import Principal, TokenVerifier
+from service.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
+TOKEN_VERIFIER = web.AppKey("token_verifier", TokenVerifier)
+OPENAPI_DOCUMENT = web.AppKey("openapi_document", bytes)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+PRINCIPAL = web.RequestKey("principal", Principal)

@@ -1,0 +1,154 @@
+"""Request id, error rendering and authentication: the three layers around every handler."""
+
+import logging
+import re
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import orjson
+from aiohttp import web
+from marshmallow import ValidationError
+
+from service.auth import READ_SCOPE, WRITE_SCOPE, InvalidToken
+from service.errors import ApiError, error_type, validation_error
+from service.keys import PRINCIPAL, REQUEST_ID, SETTINGS, TOKEN_VERIFIER
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+log = logging.getLogger(__name__)
+
+# A caller's X-Request-ID is echoed only if it is short and plain; otherwise we make one.
+_REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Failures that mean "the database is not there right now": 503, worth a retry.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give every request an id (the caller's X-Request-ID if sane) and echo it on the response."""
+    given = request.headers.get("X-Request-ID", "")
+    request_id = given if _REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    response = await handler(request)
+    response.headers["X-Request-ID"] = request_id
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure, aiohttp's own 404/405/413 and crashes included, into the error body."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error_response(request, error)
+    except ValidationError as error:
+        return error_response(request, validation_error(error.normalized_messages()))
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise  # redirects and the like are answers, not errors
+        return error_response(request, _from_http_exception(error))
+    except _UNAVAILABLE as error:
+        _log_failure(request, error, "database unavailable")
+        return error_response(
+            request,
+            ApiError(
+                503, "The service is unavailable; retry shortly.", headers={"Retry-After": "1"}
+            ),
+        )
+    except Exception as error:
+        _log_failure(request, error, "unexpected error")
+        return error_response(request, ApiError(500, "An unexpected error occurred."))
+
+
+def _from_http_exception(error: web.HTTPException) -> ApiError:
+    headers = {}
+    if isinstance(error, web.HTTPMethodNotAllowed):
+        headers["Allow"] = error.headers["Allow"]
+        message = f"Method {error.method} is not allowed here; allowed: {headers['Allow']}."
+    elif isinstance(error, web.HTTPNotFound):
+        message = "No such resource."
+    elif isinstance(error, web.HTTPRequestEntityTooLarge):
+        message = "The request body is larger than 64 KiB."
+    else:
+        message = error.reason or "The request was not valid."
+    return ApiError(error.status, message, headers=headers)
+
+
+def _log_failure(request: web.Request, error: BaseException, what: str) -> None:
+    # Only the exception's type and where it was raised: messages and traces can carry SQL or data.
+    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    where = f"{frame.filename}:{frame.lineno}" if frame else "?"
+    log.error(
+        "%s: %s at %s",
+        what,
+        type(error).__name__,
+        where,
+        extra={"request_id": request.get(REQUEST_ID), "route": _route(request)},
+    )
+
+
+def _route(request: web.Request) -> str | None:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
+
+
+def error_response(request: web.Request, error: ApiError) -> web.Response:
+    """The contract's error body for `error`."""
+    body: dict[str, object] = {"type": error_type(error.status), "message": error.message}
+    if error.errors is not None:
+        body["errors"] = error.errors
+    if error.param is not None:
+        body["param"] = error.param
+    body["request_id"] = request.get(REQUEST_ID, "")
+    body["documentation_url"] = f"{request.app[SETTINGS].error_docs_url}#{body['type']}"
+    return web.Response(
+        status=error.status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers=error.headers,
+    )
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every /v1 request needs a valid bearer token with the scope its method calls for."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401,
+            "A bearer token is required: Authorization: Bearer <token>.",
+            headers={"WWW-Authenticate": 'Bearer realm="conversations"'},
+        )
+    try:
+        principal = request.app[TOKEN_VERIFIER].verify(token.strip())
+    except InvalidToken as error:
+        raise ApiError(
+            401,
+            str(error),
+            headers={"WWW-Authenticate": 'Bearer realm="conversations", error="invalid_token"'},
+        ) from None
+    needed = READ_SCOPE if request.method in _READ_METHODS else WRITE_SCOPE
+    if needed not in principal.scopes:
+        raise ApiError(
+            403,
+            f"The bearer token lacks the {needed} scope.",
+            headers={
+                "WWW-Authenticate": (
+                    f'Bearer realm="conversations", error="insufficient_scope", scope="{needed}"'
+                )
+            },
+        )
+    request[PRINCIPAL] = principal
+    return await handler(request)

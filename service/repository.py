@@ -1,0 +1,189 @@
+"""Raw SQL for conversations. Every function takes the connection it runs on; every statement
+is scoped by account."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+# The resource's fields, in the contract's order; `version` travels beside them.
+RESOURCE_FIELDS = (
+    "id",
+    "contact_id",
+    "group_id",
+    "pinned_message_id",
+    "is_pinned",
+    "is_muted",
+    "last_active_at",
+    "last_opened_at",
+    "created_at",
+    "archived_at",
+)
+# What an update may change, in the order UPDATE_CONVERSATION takes them.
+WRITABLE_FIELDS = (
+    "pinned_message_id",
+    "is_pinned",
+    "is_muted",
+    "last_active_at",
+    "last_opened_at",
+    "archived_at",
+)
+_COLUMNS = ", ".join(RESOURCE_FIELDS) + ", version"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredConversation:
+    """A conversation as stored: the resource and its version."""
+
+    resource: dict[str, Any]
+    version: int
+
+
+def _stored(record: asyncpg.Record) -> StoredConversation:
+    return StoredConversation(
+        {field: record[field] for field in RESOURCE_FIELDS}, record["version"]
+    )
+
+
+INSERT_CONVERSATION = f"""
+INSERT INTO conversations (account_id, id, contact_id, group_id, pinned_message_id,
+                           is_pinned, is_muted, last_active_at, last_opened_at, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT DO NOTHING
+RETURNING {_COLUMNS}
+"""
+
+
+async def insert(
+    conn: asyncpg.Connection, account_id: str, resource: dict[str, Any]
+) -> StoredConversation | None:
+    """Insert a new conversation; None when the contact or group already has one."""
+    record = await conn.fetchrow(
+        INSERT_CONVERSATION,
+        account_id,
+        resource["id"],
+        resource["contact_id"],
+        resource["group_id"],
+        resource["pinned_message_id"],
+        resource["is_pinned"],
+        resource["is_muted"],
+        resource["last_active_at"],
+        resource["last_opened_at"],
+        resource["created_at"],
+    )
+    return _stored(record) if record else None
+
+
+SELECT_BY_CONTACT = (
+    f"SELECT {_COLUMNS} FROM conversations WHERE account_id = $1 AND contact_id = $2"
+)
+SELECT_BY_GROUP = f"SELECT {_COLUMNS} FROM conversations WHERE account_id = $1 AND group_id = $2"
+
+
+async def find_by_participant(
+    conn: asyncpg.Connection, account_id: str, contact_id: str | None, group_id: str | None
+) -> StoredConversation | None:
+    """The account's conversation with this contact or group, if any."""
+    if contact_id is not None:
+        record = await conn.fetchrow(SELECT_BY_CONTACT, account_id, contact_id)
+    else:
+        record = await conn.fetchrow(SELECT_BY_GROUP, account_id, group_id)
+    return _stored(record) if record else None
+
+
+SELECT_BY_ID = f"SELECT {_COLUMNS} FROM conversations WHERE account_id = $1 AND id = $2"
+SELECT_BY_ID_FOR_UPDATE = SELECT_BY_ID + " FOR UPDATE"
+
+
+async def get(
+    conn: asyncpg.Connection, account_id: str, conversation_id: str, *, for_update: bool = False
+) -> StoredConversation | None:
+    """One conversation of the account (locked until the transaction ends, if `for_update`)."""
+    query = SELECT_BY_ID_FOR_UPDATE if for_update else SELECT_BY_ID
+    record = await conn.fetchrow(query, account_id, conversation_id)
+    return _stored(record) if record else None
+
+
+UPDATE_CONVERSATION = f"""
+UPDATE conversations
+SET pinned_message_id = $3, is_pinned = $4, is_muted = $5,
+    last_active_at = $6, last_opened_at = $7, archived_at = $8, version = version + 1
+WHERE account_id = $1 AND id = $2
+RETURNING {_COLUMNS}
+"""
+
+
+async def update(
+    conn: asyncpg.Connection, account_id: str, resource: dict[str, Any]
+) -> StoredConversation:
+    """Write the writable fields of `resource` (a row locked by `get(for_update=True)`)."""
+    record = await conn.fetchrow(
+        UPDATE_CONVERSATION,
+        account_id,
+        resource["id"],
+        *(resource[field] for field in WRITABLE_FIELDS),
+    )
+    return _stored(record)
+
+
+DELETE_CONVERSATION = "DELETE FROM conversations WHERE account_id = $1 AND id = $2"
+
+
+async def delete(conn: asyncpg.Connection, account_id: str, conversation_id: str) -> None:
+    """Remove a conversation (a row locked by `get(for_update=True)`)."""
+    await conn.execute(DELETE_CONVERSATION, account_id, conversation_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilter:
+    """Which conversations a list shows; None means "do not filter on this"."""
+
+    archived: bool | None = None
+    muted: bool | None = None
+    pinned: bool | None = None
+    contact_id: str | None = None
+    group_id: str | None = None
+
+
+async def list_page(
+    conn: asyncpg.Connection,
+    account_id: str,
+    filters: ListFilter,
+    *,
+    limit: int,
+    after: str | None = None,
+    before: str | None = None,
+) -> list[StoredConversation]:
+    """Up to `limit` conversations in the direction of travel, newest first.
+
+    `after` walks to older ids (id < after, descending), `before` to newer ids (id > before,
+    ascending, so the nearest come first; the caller reverses). Keyset on the primary key: no
+    OFFSET, flat cost at any depth.
+    """
+    conditions = ["account_id = $1"]
+    args: list[object] = [account_id]
+
+    def param(value: object) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if after is not None:
+        conditions.append(f"id < {param(after)}")
+    if before is not None:
+        conditions.append(f"id > {param(before)}")
+    if filters.archived is not None:
+        conditions.append("archived_at IS NOT NULL" if filters.archived else "archived_at IS NULL")
+    if filters.muted is not None:
+        conditions.append(f"is_muted = {param(filters.muted)}")
+    if filters.pinned is not None:
+        conditions.append(f"is_pinned = {param(filters.pinned)}")
+    if filters.contact_id is not None:
+        conditions.append(f"contact_id = {param(filters.contact_id)}")
+    if filters.group_id is not None:
+        conditions.append(f"group_id = {param(filters.group_id)}")
+    order = "ASC" if before is not None else "DESC"
+    query = (
+        f"SELECT {_COLUMNS} FROM conversations WHERE {' AND '.join(conditions)} "
+        f"ORDER BY id {order} LIMIT {param(limit)}"
+    )
+    return [_stored(record) for record in await conn.fetch(query, *args)]

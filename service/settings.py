@@ -1,0 +1,117 @@
+"""Configuration: environment variables only, parsed and validated once at start-up."""
+
+from dataclasses import dataclass
+
+from environs import Env, EnvValidationError
+from marshmallow import validate
+
+# HS256 secrets shorter than this are guessable by brute force (RFC 7518 §3.2 asks for >= 256 bits).
+MIN_SECRET_LENGTH = 32
+
+
+class ConfigError(Exception):
+    """The environment does not describe a runnable service; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """How bearer tokens are verified (and, for development, minted)."""
+
+    hs256_secrets: tuple[str, ...]
+    public_keys_pem: tuple[str, ...]
+    audience: str | None
+    issuer: str | None
+    leeway_seconds: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `conversations serve` and `conversations migrate` need."""
+
+    database_url: str
+    host: str
+    port: int
+    db_pool_min: int
+    db_pool_max: int
+    db_statement_timeout_ms: int
+    error_docs_url: str
+    log_level: str
+    log_format: str
+    auth: AuthSettings
+
+
+def _split_pem_blocks(text: str) -> tuple[str, ...]:
+    """Several PEM public keys in one variable, one after the other (for key rotation)."""
+    end = "-----END PUBLIC KEY-----"
+    blocks = [block.strip() + "\n" + end for block in text.split(end) if block.strip()]
+    return tuple(blocks)
+
+
+def _seal(env: Env) -> None:
+    """Raise one ConfigError naming every invalid variable."""
+    try:
+        env.seal()
+    except EnvValidationError as error:
+        lines = [f"  {name}: {'; '.join(msgs)}" for name, msgs in error.error_messages.items()]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def _auth_settings(env: Env) -> AuthSettings:
+    secrets = env.list("JWT_HS256_SECRETS", [], subcast=str)
+    public_keys = env.str("JWT_PUBLIC_KEYS", "")
+    return AuthSettings(
+        hs256_secrets=tuple(secret.strip() for secret in secrets if secret.strip()),
+        public_keys_pem=_split_pem_blocks(public_keys),
+        audience=env.str("JWT_AUDIENCE", None) or None,
+        issuer=env.str("JWT_ISSUER", None) or None,
+        leeway_seconds=env.int("JWT_LEEWAY_SECONDS", 30, validate=validate.Range(0, 300)),
+    )
+
+
+def _check_auth(auth: AuthSettings) -> None:
+    if not auth.hs256_secrets and not auth.public_keys_pem:
+        raise ConfigError(
+            "invalid configuration:\n  JWT_HS256_SECRETS / JWT_PUBLIC_KEYS: "
+            "set at least one, or no token could ever be verified"
+        )
+    short = [i for i, secret in enumerate(auth.hs256_secrets) if len(secret) < MIN_SECRET_LENGTH]
+    if short:
+        raise ConfigError(
+            "invalid configuration:\n  JWT_HS256_SECRETS: every secret needs at least "
+            f"{MIN_SECRET_LENGTH} characters (secret number {short[0] + 1} is shorter)"
+        )
+
+
+def load_auth_settings() -> AuthSettings:
+    """Only the token settings: what `conversations token` needs."""
+    env = Env(eager=False)  # eager=False: report every bad variable at once, at seal()
+    auth = _auth_settings(env)
+    _seal(env)
+    _check_auth(auth)
+    return auth
+
+
+def load_settings() -> Settings:
+    """All settings, from the process environment; ConfigError says what is wrong."""
+    env = Env(eager=False)
+    settings = Settings(
+        database_url=env.str("DATABASE_URL", validate=validate.Regexp(r"^postgres(ql)?://")),
+        host=env.str("HOST", "127.0.0.1"),
+        port=env.int("PORT", 8080, validate=validate.Range(1, 65535)),
+        db_pool_min=env.int("DB_POOL_MIN", 2, validate=validate.Range(0, 1000)),
+        db_pool_max=env.int("DB_POOL_MAX", 10, validate=validate.Range(1, 1000)),
+        db_statement_timeout_ms=env.int(
+            "DB_STATEMENT_TIMEOUT_MS", 5000, validate=validate.Range(1, 600_000)
+        ),
+        error_docs_url=env.str("ERROR_DOCS_URL", "https://docs.digivault.com/api/errors"),
+        log_level=env.str(
+            "LOG_LEVEL", "INFO", validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])
+        ),
+        log_format=env.str("LOG_FORMAT", "json", validate=validate.OneOf(["json", "console"])),
+        auth=_auth_settings(env),
+    )
+    _seal(env)
+    if settings.db_pool_min > settings.db_pool_max:
+        raise ConfigError("invalid configuration:\n  DB_POOL_MIN: must not exceed DB_POOL_MAX")
+    _check_auth(settings.auth)
+    return settings

@@ -1,0 +1,1 @@
+"""Versioned SQL migrations, shipped inside the package so `conversations migrate` finds them."""
