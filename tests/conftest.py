@@ -1,0 +1,141 @@
+"""Fixtures: a real PostgreSQL (the server `make test` starts), a migrated template database
+cloned into a fresh database per test, the app under pytest-aiohttp, and token helpers."""
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from service.app import create_app
+from service.auth import mint_token
+from service.migrations import migrate
+from service.settings import AuthSettings, Settings
+
+TEST_SECRET = "test-secret-0123456789-abcdefghijklmnop"
+ALL_SCOPES = ["conversations:read", "conversations:write"]
+
+
+def _server_url() -> str:
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        pytest.exit("DATABASE_URL is not set: run the tests with `make test`", returncode=2)
+    return url
+
+
+def database_url(name: str) -> str:
+    """The test server's URL for database `name`."""
+    parts = urlsplit(_server_url())
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def _admin(statement: str) -> None:
+    conn = await asyncpg.connect(_server_url())
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def template_database() -> Iterator[str]:
+    """A database migrated from empty once per run: every test's database is a copy of it."""
+    name = f"conversations_template_{os.getpid()}"
+
+    async def create() -> None:
+        await _admin(f'DROP DATABASE IF EXISTS "{name}"')
+        await _admin(f'CREATE DATABASE "{name}"')
+        conn = await asyncpg.connect(database_url(name))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    yield name
+    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def empty_database() -> AsyncIterator[str]:
+    """A new, empty database's URL (for the migration tests)."""
+    name = f"conversations_test_{uuid.uuid4().hex[:12]}"
+    await _admin(f'CREATE DATABASE "{name}"')
+    yield database_url(name)
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def db_url(template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test alone."""
+    name = f"conversations_test_{uuid.uuid4().hex[:12]}"
+    await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    yield database_url(name)
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def auth_settings() -> AuthSettings:
+    return AuthSettings(
+        hs256_secrets=(TEST_SECRET,),
+        public_keys_pem=(),
+        audience=None,
+        issuer=None,
+        leeway_seconds=0,
+    )
+
+
+@pytest.fixture
+def settings(db_url: str, auth_settings: AuthSettings) -> Settings:
+    return Settings(
+        database_url=db_url,
+        host="127.0.0.1",
+        port=0,
+        db_pool_min=1,
+        db_pool_max=10,
+        db_statement_timeout_ms=5000,
+        error_docs_url="https://docs.example.test/errors",
+        log_level="INFO",
+        log_format="console",
+        auth=auth_settings,
+    )
+
+
+@pytest.fixture
+async def client(settings: Settings, aiohttp_client: Callable) -> TestClient:
+    """The app, served on a loopback port, with a test client.
+
+    `settings` comes first so that its database outlives the app (teardown runs in reverse).
+    """
+    return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to this test's database, to look behind the API."""
+    conn = await asyncpg.connect(db_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def make_token(auth_settings: AuthSettings) -> Callable[..., str]:
+    def make(account: str, scopes: list[str] | None = None, ttl: int = 600) -> str:
+        return mint_token(auth_settings, account, ALL_SCOPES if scopes is None else scopes, ttl)
+
+    return make
+
+
+@pytest.fixture
+def account() -> str:
+    return f"acct_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def headers(make_token: Callable[..., str], account: str) -> dict[str, str]:
+    """Authorization for `account` with read and write scopes."""
+    return {"Authorization": f"Bearer {make_token(account)}"}
