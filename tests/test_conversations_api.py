@@ -55,9 +55,12 @@ async def test_create_returns_201_location_etag_and_the_object(client, headers, 
     assert resp.headers["ETag"] == '"1"'
     assert body["contact_id"] == "WAz8eIbvDR60rouK"
     assert body["group_id"] is None
-    assert body["is_pinned"] is False and body["is_muted"] is False
-    assert body["last_active_at"] is None and body["last_opened_at"] is None
-    assert body["archived_at"] is None and body["pinned_message_id"] is None
+    assert body["is_pinned"] is False
+    assert body["is_muted"] is False
+    assert body["last_active_at"] is None
+    assert body["last_opened_at"] is None
+    assert body["archived_at"] is None
+    assert body["pinned_message_id"] is None
     assert before <= body["created_at"] <= int(time.time())
     assert id_time_ms(body["id"]) // 1000 == body["created_at"]
     [event] = await events(db)
@@ -78,10 +81,13 @@ async def test_create_takes_the_optional_fields(client, headers):
         last_active_at=705103200,
         last_opened_at=0,
     )
-    assert body["group_id"] == "grp_1" and body["contact_id"] is None
-    assert body["is_pinned"] is True and body["is_muted"] is True
+    assert body["group_id"] == "grp_1"
+    assert body["contact_id"] is None
+    assert body["is_pinned"] is True
+    assert body["is_muted"] is True
     assert body["pinned_message_id"] == "msg_9"
-    assert body["last_active_at"] == 705103200 and body["last_opened_at"] == 0
+    assert body["last_active_at"] == 705103200
+    assert body["last_opened_at"] == 0
 
 
 async def test_create_for_a_contact_with_a_conversation_returns_it_with_200(client, headers, db):
@@ -183,7 +189,8 @@ async def test_update_accepts_null_for_timestamps_and_pinned_message(client, hea
     )
     assert resp.status == 200
     body = await resp.json()
-    assert body["last_opened_at"] is None and body["pinned_message_id"] is None
+    assert body["last_opened_at"] is None
+    assert body["pinned_message_id"] is None
 
 
 async def test_an_update_that_changes_nothing_keeps_the_version_and_records_no_event(
