@@ -7,6 +7,7 @@ import sys
 
 import asyncpg
 
+from service.logs import configure_logging
 from service.settings import ConfigError, load_auth_settings, load_settings
 
 DEV_SCOPES = ["conversations:read", "conversations:write"]
@@ -19,7 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
 
     settings = load_settings()
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     uvloop.install()
     web.run_app(
         create_app(settings),
@@ -34,7 +35,7 @@ def _migrate(args: argparse.Namespace) -> int:
     from service.migrations import MigrationError, migrate
 
     settings = load_settings()
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     async def run() -> list[str]:
         conn = await asyncpg.connect(settings.database_url)
@@ -66,10 +67,6 @@ def _openapi(args: argparse.Namespace) -> int:
 
     sys.stdout.buffer.write(render_openapi())
     return 0
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 def build_parser() -> argparse.ArgumentParser:
