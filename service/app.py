@@ -1,5 +1,6 @@
 """The application factory: middlewares, routes and the resources' lifetimes."""
 
+import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -8,22 +9,39 @@ from aiohttp import web
 from service import handlers, probes
 from service.auth import TokenVerifier
 from service.bodies import MAX_BODY_BYTES
+from service.errors import DATABASE_UNAVAILABLE
 from service.keys import DB_POOL, OPENAPI_DOCUMENT, SETTINGS, TOKEN_VERIFIER
 from service.middleware import auth_middleware, error_middleware, request_id_middleware
 from service.openapi import render_openapi
 from service.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 async def database_pool(app: web.Application) -> AsyncIterator[None]:
-    """The asyncpg pool, open for the application's lifetime."""
+    """The asyncpg pool, open for the application's lifetime.
+
+    If PostgreSQL is down at start-up the service still starts, with a pool that connects on
+    demand: requests get 503 and /readyz fails until the database is back, then all recovers.
+    """
     settings = app[SETTINGS]
-    pool = await asyncpg.create_pool(
-        settings.database_url,
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        # Bound every statement, so a stuck query cannot hold a request (and a connection) forever.
-        server_settings={"statement_timeout": str(settings.db_statement_timeout_ms)},
-    )
+
+    def create_pool(min_size: int) -> asyncpg.Pool:
+        return asyncpg.create_pool(
+            settings.database_url,
+            min_size=min_size,
+            max_size=settings.db_pool_max,
+            # Bound every statement: a stuck query must not hold a request (and a connection).
+            server_settings={"statement_timeout": str(settings.db_statement_timeout_ms)},
+        )
+
+    try:
+        pool = await create_pool(settings.db_pool_min)
+    except DATABASE_UNAVAILABLE as error:
+        log.warning(
+            "PostgreSQL unreachable at start-up (%s); connecting on demand", type(error).__name__
+        )
+        pool = await create_pool(0)
     app[DB_POOL] = pool
     yield
     await pool.close()
@@ -44,6 +62,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/conversations", handlers.create_conversation)
     item = app.router.add_resource("/v1/conversations/{id}", name="conversation")
     item.add_route("GET", handlers.retrieve_conversation)
+    item.add_route("HEAD", handlers.retrieve_conversation)
     item.add_route("PUT", handlers.update_conversation)
     item.add_route("PATCH", handlers.update_conversation)
     item.add_route("DELETE", handlers.delete_conversation)

@@ -3,6 +3,8 @@
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
+
 # The contract's error `type` for each status the service answers with.
 ERROR_TYPE_BY_STATUS = {
     400: "invalid_request",
@@ -18,6 +20,17 @@ ERROR_TYPE_BY_STATUS = {
     500: "api_error",
     503: "api_error",
 }
+
+
+# Failures that mean "the database is not there right now": 503, worth a retry.
+DATABASE_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
 
 
 def error_type(status: int) -> str:

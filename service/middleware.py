@@ -6,13 +6,12 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 
-import asyncpg
 import orjson
 from aiohttp import web
 from marshmallow import ValidationError
 
 from service.auth import READ_SCOPE, WRITE_SCOPE, InvalidToken
-from service.errors import ApiError, error_type, validation_error
+from service.errors import DATABASE_UNAVAILABLE, ApiError, error_type, validation_error
 from service.keys import PRINCIPAL, REQUEST_ID, SETTINGS, TOKEN_VERIFIER
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -21,15 +20,6 @@ log = logging.getLogger(__name__)
 
 # A caller's X-Request-ID is echoed only if it is short and plain; otherwise we make one.
 _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Failures that mean "the database is not there right now": 503, worth a retry.
-_UNAVAILABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-)
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -57,7 +47,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if error.status < 400:
             raise  # redirects and the like are answers, not errors
         return error_response(request, _from_http_exception(error))
-    except _UNAVAILABLE as error:
+    except DATABASE_UNAVAILABLE as error:
         _log_failure(request, error, "database unavailable")
         return error_response(
             request,
