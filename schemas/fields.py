@@ -6,7 +6,7 @@ accept "true", 1 or "1700000000", which the contract rejects.
 
 from typing import Any
 
-from marshmallow import fields, validate
+from marshmallow import ValidationError, fields, validate
 
 # Unix seconds from 1970-01-01 to 9999-12-31T23:59:59Z: what every timestamp may hold.
 MAX_TIMESTAMP = 253402300799
@@ -14,6 +14,16 @@ MAX_TIMESTAMP = 253402300799
 CONVERSATION_ID_PATTERN = r"^[0-9A-Za-z]{16}$"
 # Ids owned by other services (contacts, groups, messages).
 REFERENCE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class FullMatch(validate.Regexp):
+    """`validate.Regexp` that must match the whole value: its `re.match` lets `$` match before a
+    final newline, so "c1\\n" would pass. The pattern stays readable for the OpenAPI document."""
+
+    def __call__(self, value: Any) -> Any:
+        if not isinstance(value, str) or self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
 
 
 class StrictBoolean(fields.Boolean):
@@ -38,7 +48,7 @@ def timestamp(**kwargs: Any) -> fields.Integer:
 def reference_id(**kwargs: Any) -> fields.String:
     """An id of another service's object: 1 to 64 characters of [A-Za-z0-9_-]."""
     return fields.String(
-        validate=validate.Regexp(
+        validate=FullMatch(
             REFERENCE_ID_PATTERN, error="Must be 1 to 64 characters of A-Z, a-z, 0-9, _ or -."
         ),
         **kwargs,
@@ -48,7 +58,7 @@ def reference_id(**kwargs: Any) -> fields.String:
 def conversation_id(**kwargs: Any) -> fields.String:
     """A conversation id: 16 characters of [0-9A-Za-z]."""
     return fields.String(
-        validate=validate.Regexp(
+        validate=FullMatch(
             CONVERSATION_ID_PATTERN,
             error="Must be a conversation id: 16 characters of 0-9, A-Z, a-z.",
         ),

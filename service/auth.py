@@ -4,10 +4,8 @@ import time
 from dataclasses import dataclass
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from service.settings import AuthSettings
+from service.settings import AuthSettings, ConfigError, parse_public_key
 
 READ_SCOPE = "conversations:read"
 WRITE_SCOPE = "conversations:write"
@@ -40,13 +38,8 @@ class TokenVerifier:
         if settings.hs256_secrets:
             self._keys["HS256"] = list(settings.hs256_secrets)
         for pem in settings.public_keys_pem:
-            key = load_pem_public_key(pem.encode())
-            if isinstance(key, rsa.RSAPublicKey):
-                self._keys.setdefault("RS256", []).append(key)
-            elif isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1":
-                self._keys.setdefault("ES256", []).append(key)
-            else:
-                raise ValueError("JWT_PUBLIC_KEYS holds a key that is neither RSA nor EC P-256")
+            algorithm, key = parse_public_key(pem)
+            self._keys.setdefault(algorithm, []).append(key)
         self._options = {"require": ["exp", "sub"], "verify_aud": settings.audience is not None}
 
     def verify(self, token: str) -> Principal:
@@ -60,7 +53,11 @@ class TokenVerifier:
             raise InvalidToken("The bearer token is signed with an algorithm that is not accepted.")
         claims = self._decode(token, algorithm, keys)
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not 0 < len(subject) <= MAX_ACCOUNT_ID_LENGTH:
+        if (
+            not isinstance(subject, str)
+            or not 0 < len(subject) <= MAX_ACCOUNT_ID_LENGTH
+            or not subject.isprintable()  # NUL or a lone surrogate cannot even be stored
+        ):
             raise InvalidToken("The bearer token has no valid subject.")
         scope = claims.get("scope", "")
         if not isinstance(scope, str):
@@ -95,7 +92,9 @@ class TokenVerifier:
 def mint_token(settings: AuthSettings, account_id: str, scopes: list[str], ttl_seconds: int) -> str:
     """A development token signed with the first HS256 secret."""
     if not settings.hs256_secrets:
-        raise ValueError("minting a token needs JWT_HS256_SECRETS")
+        raise ConfigError(
+            "invalid configuration:\n  JWT_HS256_SECRETS: dev tokens are signed with its first secret"
+        )
     now = int(time.time())
     claims: dict[str, object] = {
         "sub": account_id,

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from environs import Env, EnvValidationError
 from marshmallow import validate
 
@@ -47,6 +49,23 @@ def _split_pem_blocks(text: str) -> tuple[str, ...]:
     return tuple(blocks)
 
 
+def parse_public_key(pem: str) -> tuple[str, rsa.RSAPublicKey | ec.EllipticCurvePublicKey]:
+    """The JWT algorithm a PEM public key verifies, and the key: RSA is RS256, EC P-256 ES256."""
+    try:
+        key = load_pem_public_key(pem.encode())
+    except (ValueError, TypeError):
+        raise ConfigError(
+            "invalid configuration:\n  JWT_PUBLIC_KEYS: a key is not a readable PEM public key"
+        ) from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256", key
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1":
+        return "ES256", key
+    raise ConfigError(
+        "invalid configuration:\n  JWT_PUBLIC_KEYS: only RSA and EC P-256 public keys are accepted"
+    )
+
+
 def _seal(env: Env) -> None:
     """Raise one ConfigError naming every invalid variable."""
     try:
@@ -74,6 +93,8 @@ def _check_auth(auth: AuthSettings) -> None:
             "invalid configuration:\n  JWT_HS256_SECRETS / JWT_PUBLIC_KEYS: "
             "set at least one, or no token could ever be verified"
         )
+    for pem in auth.public_keys_pem:
+        parse_public_key(pem)
     short = [i for i, secret in enumerate(auth.hs256_secrets) if len(secret) < MIN_SECRET_LENGTH]
     if short:
         raise ConfigError(
