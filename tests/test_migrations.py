@@ -1,0 +1,500 @@
+"""Migrations from empty, the readiness probe, the command line and start-up configuration."""
+
+import asyncio
+import dataclasses
+import logging
+from importlib import resources
+
+import asyncpg
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from service.app import create_app
+from service.auth import READ_SCOPE, WRITE_SCOPE, Principal, TokenVerifier
+from service.cli import main
+from service.migrations import (
+    MIGRATION_LOCK_KEY,
+    Migration,
+    MigrationError,
+    load_migrations,
+    migrate,
+    pending_migrations,
+)
+from service.repository import RESOURCE_FIELDS
+from service.settings import ConfigError, load_auth_settings, load_settings
+from tests.conftest import TEST_SECRET
+from tests.error_bodies import error_body
+
+SHIPPED = [migration.version for migration in load_migrations()]
+CONFIG_VARIABLES = [
+    "DATABASE_URL",
+    "HOST",
+    "PORT",
+    "DB_POOL_MIN",
+    "DB_POOL_MAX",
+    "DB_STATEMENT_TIMEOUT_MS",
+    "ERROR_DOCS_URL",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "JWT_HS256_SECRETS",
+    "JWT_PUBLIC_KEYS",
+    "JWT_AUDIENCE",
+    "JWT_ISSUER",
+    "JWT_LEEWAY_SECONDS",
+]
+PASSWORD = "s3cr3t-Pa55word"
+URL_WITH_PASSWORD = f"postgresql://app:{PASSWORD}@db.example.test:5432/conversations"
+SHORT_SECRET = "tooShort-9"
+OTHER_SECRET = "another-secret-0123456789-abcdefghijklmnop"
+
+
+def rsa_public_pem() -> tuple[rsa.RSAPrivateKey, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    return key, pem.decode()
+
+
+@pytest.fixture
+async def conn(empty_database):
+    connection = await asyncpg.connect(empty_database)
+    yield connection
+    await connection.close()
+
+
+async def applied_versions(connection) -> list[str]:
+    return [r["version"] for r in await connection.fetch("select version from schema_migrations")]
+
+
+async def lock_is_free(url: str) -> bool:
+    """Whether another session can take the migration lock right now (and give it back)."""
+    other = await asyncpg.connect(url)
+    try:
+        taken = await other.fetchval("select pg_try_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        if taken:
+            await other.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        return taken
+    finally:
+        await other.close()
+
+
+# --- the runner ---------------------------------------------------------------------------------
+
+
+def test_every_sql_file_is_a_migration_in_order():
+    files = sorted(
+        entry.name.removesuffix(".sql")
+        for entry in (resources.files("sql") / "migrations").iterdir()
+        if entry.name.endswith(".sql")
+    )
+    assert files
+    assert files == SHIPPED
+
+
+async def test_migrate_from_empty_applies_every_file_once(conn, empty_database):
+    assert await pending_migrations(conn) == SHIPPED
+    assert await migrate(conn) == SHIPPED
+    rows = await conn.fetch("select version, checksum, applied_at from schema_migrations")
+    assert {r["version"]: r["checksum"] for r in rows} == {
+        m.version: m.checksum for m in load_migrations()
+    }
+    assert all(r["applied_at"] is not None for r in rows)
+    assert await pending_migrations(conn) == []
+    assert await migrate(conn) == []
+    assert sorted(await applied_versions(conn)) == SHIPPED
+    assert await lock_is_free(empty_database)
+
+
+async def test_the_schema_is_what_the_service_expects(conn):
+    await migrate(conn)
+    tables = {
+        r["table_name"]
+        for r in await conn.fetch(
+            "select table_name from information_schema.tables where table_schema = 'public'"
+        )
+    }
+    assert tables == {"conversations", "outbox", "schema_migrations"}
+
+    rows = await conn.fetch(
+        """select table_name, column_name, data_type, is_nullable, collation_name
+           from information_schema.columns where table_schema = 'public'"""
+    )
+    columns = {(r["table_name"], r["column_name"]): r for r in rows}
+
+    def shape(table: str) -> dict[str, tuple[str, str]]:
+        return {
+            column: (row["data_type"], row["is_nullable"])
+            for (name, column), row in columns.items()
+            if name == table
+        }
+
+    assert shape("conversations") == {
+        "account_id": ("text", "NO"),
+        "id": ("text", "NO"),
+        "contact_id": ("text", "YES"),
+        "group_id": ("text", "YES"),
+        "pinned_message_id": ("text", "YES"),
+        "is_pinned": ("boolean", "NO"),
+        "is_muted": ("boolean", "NO"),
+        "last_active_at": ("bigint", "YES"),
+        "last_opened_at": ("bigint", "YES"),
+        "created_at": ("bigint", "NO"),
+        "archived_at": ("bigint", "YES"),
+        "version": ("bigint", "NO"),
+    }
+    assert set(RESOURCE_FIELDS) <= set(shape("conversations"))
+    assert shape("outbox") == {
+        "id": ("bigint", "NO"),
+        "event_id": ("text", "NO"),
+        "event_type": ("text", "NO"),
+        "account_id": ("text", "NO"),
+        "conversation_id": ("text", "NO"),
+        "sequence": ("bigint", "NO"),
+        "payload": ("jsonb", "NO"),
+        "traceparent": ("text", "YES"),
+        "created_at": ("timestamp with time zone", "NO"),
+        "published_at": ("timestamp with time zone", "YES"),
+    }
+    assert columns["conversations", "id"]["collation_name"] == "C"
+    assert columns["outbox", "conversation_id"]["collation_name"] == "C"
+
+    indexes = {
+        r["name"]: r
+        for r in await conn.fetch(
+            """select c.relname as name, t.relname as table_name, i.indisunique as is_unique,
+                      i.indisprimary as is_primary,
+                      pg_get_expr(i.indpred, i.indrelid) as predicate,
+                      array(select a.attname from unnest(i.indkey) with ordinality k(n, o)
+                            join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.n
+                            order by k.o) as columns
+               from pg_index i
+               join pg_class c on c.oid = i.indexrelid
+               join pg_class t on t.oid = i.indrelid
+               join pg_namespace s on s.oid = t.relnamespace
+               where s.nspname = 'public'"""
+        )
+    }
+
+    def index(name: str) -> tuple:
+        r = indexes[name]
+        return (r["table_name"], r["is_unique"], list(r["columns"]), r["predicate"])
+
+    primary = [
+        r for r in indexes.values() if r["is_primary"] and r["table_name"] == "conversations"
+    ]
+    assert [list(r["columns"]) for r in primary] == [["account_id", "id"]]
+    assert index("conversations_account_contact_key") == (
+        "conversations",
+        True,
+        ["account_id", "contact_id"],
+        "(contact_id IS NOT NULL)",
+    )
+    assert index("conversations_account_group_key") == (
+        "conversations",
+        True,
+        ["account_id", "group_id"],
+        "(group_id IS NOT NULL)",
+    )
+    assert index("outbox_pending_idx") == ("outbox", False, ["id"], "(published_at IS NULL)")
+
+
+INSERT = """insert into conversations (account_id, id, contact_id, group_id, created_at)
+            values ($1, $2, $3, $4, 0)"""
+
+
+async def test_the_schema_enforces_order_and_uniqueness(conn):
+    await migrate(conn)
+    # Digits < upper < lower case, whatever the database's default collation says.
+    ids = ["z" * 16, "a" + "0" * 15, "Z0000000000000zz", "A" * 16, "9" * 16]
+    for number, conversation_id in enumerate(ids):
+        await conn.execute(INSERT, "acct", conversation_id, f"c{number}", None)
+    ordered = [r["id"] for r in await conn.fetch("select id from conversations order by id")]
+    assert ordered == sorted(ids, key=str.encode)
+    assert ordered == ["9" * 16, "A" * 16, "Z0000000000000zz", "a" + "0" * 15, "z" * 16]
+
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await conn.execute(INSERT, "acct", "1" * 16, "c0", None)
+    await conn.execute(INSERT, "acct", "2" * 16, None, "g1")
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await conn.execute(INSERT, "acct", "3" * 16, None, "g1")
+    await conn.execute(INSERT, "other_acct", "1" * 16, "c0", None)
+    await conn.execute(INSERT, "other_acct", "3" * 16, None, "g1")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(INSERT, "acct", "4" * 16, "c9", "g9")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(INSERT, "acct", "5" * 16, None, None)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(INSERT, "acct", "short", "c8", None)
+
+
+async def test_an_edited_migration_is_refused_and_nothing_new_is_applied(conn, empty_database):
+    await migrate(conn)
+    first = load_migrations()[0]
+    edited = Migration(first.version, first.sql + "\n-- an innocent-looking edit\n")
+    # The new migration comes first: the check must happen before anything is applied.
+    new = Migration("0000_new", "CREATE TABLE should_not_exist (x int)")
+    with pytest.raises(MigrationError, match=first.version):
+        await migrate(conn, migrations=(new, edited, *load_migrations()[1:]))
+    assert await conn.fetchval("select to_regclass('should_not_exist')") is None
+    assert sorted(await applied_versions(conn)) == SHIPPED
+    assert await lock_is_free(empty_database)
+
+
+async def test_a_new_migration_is_applied_alone(conn):
+    await migrate(conn)
+    extra = Migration("9999_extra", "CREATE TABLE extra (x int)")
+    assert await migrate(conn, migrations=(*load_migrations(), extra)) == ["9999_extra"]
+    assert await conn.fetchval("select to_regclass('extra') is not null")
+    assert await migrate(conn, migrations=(*load_migrations(), extra)) == []
+
+
+async def test_a_failing_migration_is_rolled_back_and_not_recorded(conn, empty_database):
+    broken = Migration(
+        "9999_broken", "CREATE TABLE half_done (x int); SELECT no_such_function_anywhere();"
+    )
+    with pytest.raises(asyncpg.UndefinedFunctionError):
+        await migrate(conn, migrations=(*load_migrations(), broken))
+    # What came before it is applied; the broken one left nothing behind.
+    assert sorted(await applied_versions(conn)) == SHIPPED
+    assert await conn.fetchval("select to_regclass('half_done')") is None
+    assert await lock_is_free(empty_database)
+    assert await migrate(conn) == []
+
+
+async def test_concurrent_runs_apply_each_migration_once(empty_database):
+    connections = [await asyncpg.connect(empty_database) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(migrate(c) for c in connections))
+        assert sorted(results) == [[], [], SHIPPED]
+        rows = await connections[0].fetch(
+            "select version, count(*) as n from schema_migrations group by version"
+        )
+        assert {r["version"]: r["n"] for r in rows} == dict.fromkeys(SHIPPED, 1)
+    finally:
+        for c in connections:
+            await c.close()
+    assert await lock_is_free(empty_database)
+
+
+async def test_pending_migrations_before_and_after(conn):
+    assert await pending_migrations(conn) == SHIPPED
+    # The history table alone (a run that stopped early) still leaves every file pending.
+    await conn.execute("create table schema_migrations (version text primary key, checksum text)")
+    assert await pending_migrations(conn) == SHIPPED
+    await conn.execute("drop table schema_migrations")
+    await migrate(conn)
+    assert await pending_migrations(conn) == []
+
+
+# --- readiness ----------------------------------------------------------------------------------
+
+
+async def test_readyz_is_200_on_the_migrated_database(client):
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert await resp.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "migrations": "ok"},
+    }
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+
+
+async def test_readyz_is_503_until_migrations_are_applied(settings, empty_database, aiohttp_client):
+    client = await aiohttp_client(
+        create_app(dataclasses.replace(settings, database_url=empty_database))
+    )
+    resp = await client.get("/readyz")
+    body = await error_body(resp, 503, "api_error", errors=True)
+    assert body["errors"] == {"migrations": [f"pending: {version}" for version in SHIPPED]}
+    assert int(resp.headers["Retry-After"]) > 0
+    # Liveness never looks at the database.
+    assert (await client.get("/healthz")).status == 200
+
+    connection = await asyncpg.connect(empty_database)
+    try:
+        await migrate(connection)
+    finally:
+        await connection.close()
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def environment(monkeypatch):
+    """An environment holding none of the service's variables; returns a setter.
+
+    Request it after `empty_database`: that fixture's teardown needs the real DATABASE_URL.
+    The commands also configure the root logger, so pytest's handlers are given back after.
+    """
+    for name in CONFIG_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+
+    def set_env(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+
+    return set_env
+
+
+@pytest.fixture
+def no_serving(monkeypatch):
+    """`serve` must give up before it binds a port or touches the event loop policy."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr("aiohttp.web.run_app", refuse)
+    monkeypatch.setattr("uvloop.install", lambda: None)
+
+
+async def test_cli_migrate_applies_then_has_nothing_to_do(empty_database, environment, capsys):
+    environment(DATABASE_URL=empty_database, JWT_HS256_SECRETS=TEST_SECRET)
+    assert await asyncio.to_thread(main, ["migrate"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"applied {len(SHIPPED)} migration(s): {', '.join(SHIPPED)}"
+    )
+    assert await asyncio.to_thread(main, ["migrate"]) == 0
+    assert capsys.readouterr().out.strip() == "applied 0 migration(s)"
+    connection = await asyncpg.connect(empty_database)
+    try:
+        assert await pending_migrations(connection) == []
+    finally:
+        await connection.close()
+
+
+def test_cli_token_prints_a_token_with_both_scopes(environment, capsys):
+    environment(JWT_HS256_SECRETS=TEST_SECRET)
+    assert main(["token", "--account", "a1"]) == 0
+    token = capsys.readouterr().out.strip()
+    principal = TokenVerifier(load_auth_settings()).verify(token)
+    assert principal == Principal("a1", frozenset({READ_SCOPE, WRITE_SCOPE}))
+
+
+def test_cli_token_with_a_scope(environment, capsys):
+    environment(JWT_HS256_SECRETS=f"{TEST_SECRET},{OTHER_SECRET}")
+    assert main(["token", "--account", "a2", "--scope", READ_SCOPE, "--ttl", "60"]) == 0
+    token = capsys.readouterr().out.strip()
+    principal = TokenVerifier(load_auth_settings()).verify(token)
+    assert principal == Principal("a2", frozenset({READ_SCOPE}))
+
+
+def test_cli_token_without_an_hs256_secret_explains(environment, capsys):
+    environment(JWT_PUBLIC_KEYS=rsa_public_pem()[1])
+    assert main(["token", "--account", "a1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "JWT_HS256_SECRETS" in captured.err
+
+
+def test_cli_serve_without_a_jwt_secret_returns_2(environment, no_serving, capsys):
+    environment(DATABASE_URL=URL_WITH_PASSWORD)
+    assert main(["serve"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("conversations serve: invalid configuration")
+    assert "JWT_HS256_SECRETS" in captured.err
+    assert PASSWORD not in captured.err
+
+
+@pytest.mark.parametrize(
+    "keys",
+    ["not a key", "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"],
+    ids=["garbage", "bad-key-data"],
+)
+def test_cli_serve_with_an_unreadable_public_key_returns_2(environment, no_serving, capsys, keys):
+    environment(DATABASE_URL=URL_WITH_PASSWORD, JWT_PUBLIC_KEYS=keys)
+    assert main(["serve"]) == 2
+    captured = capsys.readouterr()
+    assert "JWT_PUBLIC_KEYS" in captured.err
+    assert PASSWORD not in captured.err
+
+
+def test_cli_migrate_with_bad_configuration_returns_2(environment, capsys):
+    environment(DATABASE_URL="mysql://app:" + PASSWORD + "@db/x", JWT_HS256_SECRETS=TEST_SECRET)
+    assert main(["migrate"]) == 2
+    err = capsys.readouterr().err
+    assert "DATABASE_URL" in err
+    assert PASSWORD not in err
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+def test_load_settings_reads_the_environment(environment):
+    environment(
+        DATABASE_URL=URL_WITH_PASSWORD,
+        JWT_HS256_SECRETS=f" {TEST_SECRET} , {OTHER_SECRET} ,",
+        PORT="9000",
+        JWT_AUDIENCE="conversations-api",
+    )
+    settings = load_settings()
+    assert settings.database_url == URL_WITH_PASSWORD
+    assert settings.port == 9000
+    assert settings.db_pool_min <= settings.db_pool_max
+    assert settings.auth.hs256_secrets == (TEST_SECRET, OTHER_SECRET)
+    assert settings.auth.audience == "conversations-api"
+    assert settings.auth.issuer is None
+
+
+def test_several_public_keys_in_one_variable(environment):
+    keys = [rsa_public_pem(), rsa_public_pem()]
+    environment(JWT_PUBLIC_KEYS="\n".join(pem for _, pem in keys))
+    auth = load_auth_settings()
+    assert [block.strip() for block in auth.public_keys_pem] == [pem.strip() for _, pem in keys]
+    verifier = TokenVerifier(auth)
+    for key, _ in keys:
+        token = jwt.encode({"sub": "a", "exp": 2**40}, key, algorithm="RS256")
+        assert verifier.verify(token).account_id == "a"
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"PORT": "abc"}, "PORT"),
+        ({"PORT": "0"}, "PORT"),
+        ({"PORT": "65536"}, "PORT"),
+        ({"DATABASE_URL": None}, "DATABASE_URL"),
+        ({"DATABASE_URL": f"mysql://app:{PASSWORD}@db/x"}, "DATABASE_URL"),
+        ({"DATABASE_URL": PASSWORD}, "DATABASE_URL"),
+        ({"JWT_HS256_SECRETS": SHORT_SECRET}, "JWT_HS256_SECRETS"),
+        ({"JWT_HS256_SECRETS": f"{TEST_SECRET},{SHORT_SECRET}"}, "JWT_HS256_SECRETS"),
+        ({"JWT_HS256_SECRETS": None}, "JWT_HS256_SECRETS"),
+        ({"DB_POOL_MIN": "5", "DB_POOL_MAX": "2"}, "DB_POOL_MIN"),
+        ({"DB_POOL_MAX": "0"}, "DB_POOL_MAX"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"JWT_LEEWAY_SECONDS": "-1"}, "JWT_LEEWAY_SECONDS"),
+    ],
+)
+def test_load_settings_names_the_bad_variable(environment, variables, named):
+    good = {"DATABASE_URL": URL_WITH_PASSWORD, "JWT_HS256_SECRETS": TEST_SECRET}
+    values = {**good, **variables}
+    environment(**{name: value for name, value in values.items() if value is not None})
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert named in message
+    assert PASSWORD not in message
+    assert SHORT_SECRET not in message
+
+
+def test_every_bad_variable_is_named_at_once(environment):
+    environment(
+        DATABASE_URL=URL_WITH_PASSWORD,
+        JWT_HS256_SECRETS=TEST_SECRET,
+        PORT="abc",
+        LOG_LEVEL="LOUD",
+        DB_STATEMENT_TIMEOUT_MS="0",
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    message = str(raised.value)
+    for name in ("PORT", "LOG_LEVEL", "DB_STATEMENT_TIMEOUT_MS"):
+        assert name in message
+    assert PASSWORD not in message
