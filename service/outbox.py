@@ -17,7 +17,7 @@ DELETED = "conversation.deleted"
 INSERT_EVENT = """
 INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload,
                     traceparent)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)
+VALUES ($1, $2, $3, $4, $5, $6::json, $7)
 """
 
 

@@ -151,7 +151,7 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "account_id": ("text", "NO"),
         "conversation_id": ("text", "NO"),
         "sequence": ("bigint", "NO"),
-        "payload": ("jsonb", "NO"),
+        "payload": ("json", "NO"),
         "traceparent": ("text", "YES"),
         "created_at": ("timestamp with time zone", "NO"),
         "published_at": ("timestamp with time zone", "YES"),

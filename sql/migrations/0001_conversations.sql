@@ -43,7 +43,8 @@ CREATE TABLE outbox (
     account_id      text   NOT NULL,
     conversation_id text   COLLATE "C" NOT NULL,
     sequence        bigint NOT NULL,
-    payload         jsonb  NOT NULL,
+    -- json, not jsonb: the envelope is published byte for byte as the service wrote it.
+    payload         json   NOT NULL,
     traceparent     text,
     created_at      timestamptz NOT NULL DEFAULT now(),
     published_at    timestamptz
