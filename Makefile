@@ -1,0 +1,98 @@
+# Developer entry points for DigiVault Conversations (GNU make). The local
+# PostgreSQL and RabbitMQ come from deploy/dev/services.sh. `make help` lists
+# the targets.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PORT ?= 8080
+PYTEST_ARGS ?=
+
+VENV := .venv
+SERVICES := deploy/dev/services.sh
+JWT_SECRET := .dev/jwt-secret
+
+# Starts a recipe line that needs the services: exports DATABASE_URL and
+# AMQP_URL from the services script, and the dev JWT secret unless the
+# environment already has JWT_HS256_SECRETS.
+WITH_ENV = eval "$$($(SERVICES) env)"; \
+	export JWT_HS256_SECRETS="$${JWT_HS256_SECRETS:-$$(cat $(JWT_SECRET))}";
+
+.PHONY: help venv services-up services-down env migrate run test lint clean
+
+help:
+	@echo 'make venv           .venv with the package (editable) and its dev extras'
+	@echo 'make services-up    start the local PostgreSQL and RabbitMQ (deploy/dev/services.sh)'
+	@echo 'make services-down  stop them (the data stays in .dev/)'
+	@echo 'make env            print export lines: DATABASE_URL, AMQP_URL, JWT_HS256_SECRETS'
+	@echo 'make migrate        apply the database migrations'
+	@echo 'make run            migrate, print a dev token and curl examples, serve on 127.0.0.1:$$PORT (8080)'
+	@echo 'make test           run pytest against the local services (PYTEST_ARGS="-k foo")'
+	@echo 'make lint           ruff check and ruff format --check'
+	@echo 'make clean          stop the services, then delete .dev/ and .venv/'
+
+venv: $(VENV)/.installed
+
+# Debian ships venv's ensurepip apart, in python3-venv: installed when that is
+# why venv failed. A half-made .venv is removed so that the next try starts over.
+$(VENV)/bin/pip:
+	@rm -rf $(VENV)
+	@if ! out=$$(python3 -m venv $(VENV) 2>&1); then \
+		rm -rf $(VENV); \
+		if [[ $$out != *ensurepip* ]]; then echo "$$out" >&2; exit 1; fi; \
+		deploy/dev/install-packages.sh python3-venv; \
+		python3 -m venv $(VENV); \
+	fi
+
+# Reinstalled only when pyproject.toml changes; pip is order-only so that its
+# own upgrades do not trigger a reinstall.
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/pip
+	$(VENV)/bin/pip install -e '.[dev]'
+	@touch $@
+
+services-up:
+	@$(SERVICES) up
+
+services-down:
+	@$(SERVICES) down
+
+# Random, made once per checkout, readable by its owner only.
+$(JWT_SECRET):
+	@mkdir -p $(@D)
+	@umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(36))' >$@.tmp
+	@mv $@.tmp $@
+
+env: $(JWT_SECRET)
+	@$(SERVICES) env
+	@printf 'export JWT_HS256_SECRETS=%q\n' "$${JWT_HS256_SECRETS:-$$(cat $(JWT_SECRET))}"
+
+migrate: venv services-up $(JWT_SECRET)
+	@$(WITH_ENV) $(VENV)/bin/conversations migrate
+
+run: venv services-up migrate
+	@$(WITH_ENV) \
+	token=$$($(VENV)/bin/conversations token --account acct_dev \
+		--scope "conversations:read conversations:write"); \
+	echo; \
+	echo 'Dev bearer token (account acct_dev, scopes conversations:read conversations:write):'; \
+	echo "export TOKEN=$$token"; \
+	echo 'List, then create a conversation:'; \
+	echo 'curl -s -H "Authorization: Bearer $$TOKEN" http://127.0.0.1:$(PORT)/v1/conversations'; \
+	echo 'curl -s -H "Authorization: Bearer $$TOKEN" -d contact_id=WAz8eIbvDR60rouK http://127.0.0.1:$(PORT)/v1/conversations'; \
+	echo; \
+	export PORT=$(PORT) HOST=127.0.0.1 LOG_FORMAT=console; \
+	exec $(VENV)/bin/conversations serve
+
+test: venv services-up $(JWT_SECRET)
+	@$(WITH_ENV) $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Services first: a stop that fails ends make here, before anything is deleted
+# under a running server. When PostgreSQL's files live in /var/tmp (see
+# services.sh), .dev/pg links there: that directory goes too.
+clean:
+	@$(SERVICES) down
+	@if [[ -L .dev/pg ]]; then rm -rf -- "$$(readlink .dev/pg)"; fi
+	rm -rf .dev $(VENV)
