@@ -10,7 +10,8 @@ from service import handlers, probes
 from service.auth import TokenVerifier
 from service.bodies import MAX_BODY_BYTES
 from service.errors import DATABASE_UNAVAILABLE
-from service.keys import DB_POOL, OPENAPI_DOCUMENT, SETTINGS, TOKEN_VERIFIER
+from service.events import events_running
+from service.keys import DB_POOL, EVENTS, OPENAPI_DOCUMENT, SETTINGS, TOKEN_VERIFIER
 from service.middleware import auth_middleware, error_middleware, request_id_middleware
 from service.openapi import render_openapi
 from service.settings import Settings
@@ -47,6 +48,14 @@ async def database_pool(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
+async def events(app: web.Application) -> AsyncIterator[None]:
+    """RabbitMQ (topology declared at start-up) and, unless RELAY_ENABLED=false, the relay."""
+    settings = app[SETTINGS]
+    async with events_running(settings, relay=settings.events.relay_enabled) as running:
+        app[EVENTS] = running
+        yield
+
+
 def create_app(settings: Settings) -> web.Application:
     """The whole HTTP service for `settings`; `web.run_app` serves it."""
     app = web.Application(
@@ -57,6 +66,7 @@ def create_app(settings: Settings) -> web.Application:
     app[TOKEN_VERIFIER] = TokenVerifier(settings.auth)
     app[OPENAPI_DOCUMENT] = render_openapi()
     app.cleanup_ctx.append(database_pool)
+    app.cleanup_ctx.append(events)
 
     app.router.add_get("/v1/conversations", handlers.list_conversations)
     app.router.add_post("/v1/conversations", handlers.create_conversation)

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 
@@ -53,6 +54,41 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relay(args: argparse.Namespace) -> int:
+    import signal
+
+    import uvloop
+
+    from service.events import events_running
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def run() -> None:
+        async with events_running(settings, relay=True) as events:
+            relay, task = events.relay, events.relay_task
+            if relay is None or task is None:  # relay=True always starts both
+                raise RuntimeError("the relay did not start")
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, relay.stop)
+            await task
+
+    uvloop.run(run())
+    return 0
+
+
+def _events_tail(args: argparse.Namespace) -> int:
+    from service.tail import tail
+
+    settings = load_settings()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a tail ends
+        asyncio.run(
+            tail(settings.events.amqp_url, settings.events.exchange, args.type, count=args.count)
+        )
+    return 0
+
+
 def _token(args: argparse.Namespace) -> int:
     from service.auth import mint_token
 
@@ -79,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="apply pending database migrations").set_defaults(
         run=_migrate
     )
+    commands.add_parser(
+        "relay", help="publish the outbox's events to RabbitMQ (one active across replicas)"
+    ).set_defaults(run=_relay)
+    events = commands.add_parser("events", help="look at the published events")
+    events_commands = events.add_subparsers(dest="events_command", required=True)
+    tail = events_commands.add_parser("tail", help="print events as they arrive, one per line")
+    tail.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        help="an event type or routing pattern, e.g. conversation.archived (repeatable; default: all)",
+    )
+    tail.add_argument("--count", type=int, help="stop after this many events")
+    tail.set_defaults(run=_events_tail)
     token = commands.add_parser("token", help="print a development bearer token")
     token.add_argument("--account", required=True, help="the account id (the token's sub)")
     token.add_argument(

@@ -27,8 +27,20 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class EventSettings:
+    """Where events go and how the outbox relay drains them."""
+
+    amqp_url: str
+    exchange: str
+    relay_enabled: bool
+    relay_batch_size: int
+    relay_poll_interval_seconds: float
+    outbox_retention_hours: float
+
+
+@dataclass(frozen=True)
 class Settings:
-    """Everything `conversations serve` and `conversations migrate` need."""
+    """Everything the service's processes need."""
 
     database_url: str
     host: str
@@ -40,6 +52,7 @@ class Settings:
     log_level: str
     log_format: str
     auth: AuthSettings
+    events: EventSettings
 
 
 def _split_pem_blocks(text: str) -> tuple[str, ...]:
@@ -130,6 +143,18 @@ def load_settings() -> Settings:
         ),
         log_format=env.str("LOG_FORMAT", "json", validate=validate.OneOf(["json", "console"])),
         auth=_auth_settings(env),
+        events=EventSettings(
+            amqp_url=env.str("AMQP_URL", validate=validate.Regexp(r"^amqps?://")),
+            exchange=env.str("EVENTS_EXCHANGE", "conversations", validate=validate.Length(1, 200)),
+            relay_enabled=env.bool("RELAY_ENABLED", True),
+            relay_batch_size=env.int("RELAY_BATCH_SIZE", 500, validate=validate.Range(1, 10_000)),
+            relay_poll_interval_seconds=env.float(
+                "RELAY_POLL_INTERVAL_SECONDS", 1.0, validate=validate.Range(0.05, 60)
+            ),
+            outbox_retention_hours=env.float(
+                "OUTBOX_RETENTION_HOURS", 72.0, validate=validate.Range(0, 24 * 365)
+            ),
+        ),
     )
     _seal(env)
     if settings.db_pool_min > settings.db_pool_max:

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from service.app import create_app
 from service.auth import mint_token
 from service.migrations import migrate
-from service.settings import AuthSettings, Settings
+from service.settings import AuthSettings, EventSettings, Settings
 
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnop"
 ALL_SCOPES = ["conversations:read", "conversations:write"]
@@ -102,6 +102,15 @@ def settings(db_url: str, auth_settings: AuthSettings) -> Settings:
         log_level="INFO",
         log_format="console",
         auth=auth_settings,
+        events=EventSettings(
+            amqp_url=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/"),
+            exchange=f"conversations_test_{uuid.uuid4().hex[:8]}",
+            # The relay runs only in the event tests; elsewhere events wait in the outbox.
+            relay_enabled=False,
+            relay_batch_size=100,
+            relay_poll_interval_seconds=0.2,
+            outbox_retention_hours=72,
+        ),
     )
 
 

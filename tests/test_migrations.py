@@ -43,9 +43,16 @@ CONFIG_VARIABLES = [
     "JWT_AUDIENCE",
     "JWT_ISSUER",
     "JWT_LEEWAY_SECONDS",
+    "AMQP_URL",
+    "EVENTS_EXCHANGE",
+    "RELAY_ENABLED",
+    "RELAY_BATCH_SIZE",
+    "RELAY_POLL_INTERVAL_SECONDS",
+    "OUTBOX_RETENTION_HOURS",
 ]
 PASSWORD = "s3cr3t-Pa55word"
 URL_WITH_PASSWORD = f"postgresql://app:{PASSWORD}@db.example.test:5432/conversations"
+AMQP_URL = f"amqp://app:{PASSWORD}@mq.example.test:5672/"
 SHORT_SECRET = "tooShort-9"
 OTHER_SECRET = "another-secret-0123456789-abcdefghijklmnop"
 
@@ -293,10 +300,12 @@ async def test_pending_migrations_before_and_after(conn):
 async def test_readyz_is_200_on_the_migrated_database(client):
     resp = await client.get("/readyz")
     assert resp.status == 200
-    assert await resp.json() == {
-        "status": "ready",
-        "checks": {"database": "ok", "migrations": "ok"},
-    }
+    body = await resp.json()
+    assert body["status"] == "ready"
+    assert body["checks"]["database"] == "ok"
+    assert body["checks"]["migrations"] == "ok"
+    assert body["checks"]["relay"] == "disabled"  # the test settings run no relay
+    assert body["checks"]["outbox"] == {"pending": 0, "oldest_pending_age_seconds": 0}
     resp = await client.get("/healthz")
     assert resp.status == 200
 
@@ -356,7 +365,7 @@ def no_serving(monkeypatch):
 
 
 async def test_cli_migrate_applies_then_has_nothing_to_do(empty_database, environment, capsys):
-    environment(DATABASE_URL=empty_database, JWT_HS256_SECRETS=TEST_SECRET)
+    environment(DATABASE_URL=empty_database, JWT_HS256_SECRETS=TEST_SECRET, AMQP_URL=AMQP_URL)
     assert await asyncio.to_thread(main, ["migrate"]) == 0
     assert capsys.readouterr().out.strip() == (
         f"applied {len(SHIPPED)} migration(s): {', '.join(SHIPPED)}"
@@ -395,7 +404,7 @@ def test_cli_token_without_an_hs256_secret_explains(environment, capsys):
 
 
 def test_cli_serve_without_a_jwt_secret_returns_2(environment, no_serving, capsys):
-    environment(DATABASE_URL=URL_WITH_PASSWORD)
+    environment(DATABASE_URL=URL_WITH_PASSWORD, AMQP_URL=AMQP_URL)
     assert main(["serve"]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("conversations serve: invalid configuration")
@@ -409,7 +418,7 @@ def test_cli_serve_without_a_jwt_secret_returns_2(environment, no_serving, capsy
     ids=["garbage", "bad-key-data"],
 )
 def test_cli_serve_with_an_unreadable_public_key_returns_2(environment, no_serving, capsys, keys):
-    environment(DATABASE_URL=URL_WITH_PASSWORD, JWT_PUBLIC_KEYS=keys)
+    environment(DATABASE_URL=URL_WITH_PASSWORD, JWT_PUBLIC_KEYS=keys, AMQP_URL=AMQP_URL)
     assert main(["serve"]) == 2
     captured = capsys.readouterr()
     assert "JWT_PUBLIC_KEYS" in captured.err
@@ -417,7 +426,11 @@ def test_cli_serve_with_an_unreadable_public_key_returns_2(environment, no_servi
 
 
 def test_cli_migrate_with_bad_configuration_returns_2(environment, capsys):
-    environment(DATABASE_URL="mysql://app:" + PASSWORD + "@db/x", JWT_HS256_SECRETS=TEST_SECRET)
+    environment(
+        DATABASE_URL="mysql://app:" + PASSWORD + "@db/x",
+        JWT_HS256_SECRETS=TEST_SECRET,
+        AMQP_URL=AMQP_URL,
+    )
     assert main(["migrate"]) == 2
     err = capsys.readouterr().err
     assert "DATABASE_URL" in err
@@ -430,6 +443,7 @@ def test_cli_migrate_with_bad_configuration_returns_2(environment, capsys):
 def test_load_settings_reads_the_environment(environment):
     environment(
         DATABASE_URL=URL_WITH_PASSWORD,
+        AMQP_URL=AMQP_URL,
         JWT_HS256_SECRETS=f" {TEST_SECRET} , {OTHER_SECRET} ,",
         PORT="9000",
         JWT_AUDIENCE="conversations-api",
@@ -470,10 +484,18 @@ def test_several_public_keys_in_one_variable(environment):
         ({"DB_POOL_MAX": "0"}, "DB_POOL_MAX"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"JWT_LEEWAY_SECONDS": "-1"}, "JWT_LEEWAY_SECONDS"),
+        ({"AMQP_URL": None}, "AMQP_URL"),
+        ({"AMQP_URL": f"http://app:{PASSWORD}@mq/"}, "AMQP_URL"),
+        ({"RELAY_BATCH_SIZE": "0"}, "RELAY_BATCH_SIZE"),
+        ({"RELAY_ENABLED": "perhaps"}, "RELAY_ENABLED"),
     ],
 )
 def test_load_settings_names_the_bad_variable(environment, variables, named):
-    good = {"DATABASE_URL": URL_WITH_PASSWORD, "JWT_HS256_SECRETS": TEST_SECRET}
+    good = {
+        "DATABASE_URL": URL_WITH_PASSWORD,
+        "JWT_HS256_SECRETS": TEST_SECRET,
+        "AMQP_URL": AMQP_URL,
+    }
     values = {**good, **variables}
     environment(**{name: value for name, value in values.items() if value is not None})
     with pytest.raises(ConfigError) as raised:
@@ -487,6 +509,7 @@ def test_load_settings_names_the_bad_variable(environment, variables, named):
 def test_every_bad_variable_is_named_at_once(environment):
     environment(
         DATABASE_URL=URL_WITH_PASSWORD,
+        AMQP_URL=AMQP_URL,
         JWT_HS256_SECRETS=TEST_SECRET,
         PORT="abc",
         LOG_LEVEL="LOUD",

@@ -1,0 +1,33 @@
+"""Exponential backoff with full jitter, for reconnecting to what is down."""
+
+import asyncio
+import random
+
+
+class Backoff:
+    """Delays of uniform(0, min(cap, base * 2**attempt)): spread out, so replicas do not retry
+    in step (the "full jitter" of the AWS architecture blog's backoff study)."""
+
+    def __init__(self, base: float = 0.2, cap: float = 30.0) -> None:
+        self._base = base
+        self._cap = cap
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt; each call doubles the ceiling up to the cap."""
+        ceiling = min(self._cap, self._base * 2**self._attempt)
+        self._attempt = min(self._attempt + 1, 32)
+        return random.uniform(0, ceiling)  # noqa: S311  # jitter, not cryptography
+
+    def reset(self) -> None:
+        """Back to short delays, after a success."""
+        self._attempt = 0
+
+
+async def sleep_unless(stopping: asyncio.Event, seconds: float) -> bool:
+    """Sleep `seconds`, or less if `stopping` is set meanwhile; True if it was."""
+    try:
+        await asyncio.wait_for(stopping.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True

@@ -1,0 +1,111 @@
+"""RabbitMQ: the connection, the publishing channel with confirms, and the events topology."""
+
+import asyncio
+import logging
+
+import aio_pika
+from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+
+from service.backoff import Backoff, sleep_unless
+
+log = logging.getLogger(__name__)
+
+# What can go wrong talking to the broker; the relay backs off and retries on any of these.
+BROKER_UNAVAILABLE = (
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.PublishError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+    RuntimeError,  # aiormq raises it for a channel or connection closed under a publish
+)
+
+
+class BrokerUnavailable(Exception):
+    """No connection to RabbitMQ right now."""
+
+
+async def declare_topology(channel: aio_pika.abc.AbstractChannel, name: str) -> AbstractExchange:
+    """The events exchange (durable topic) and where unroutable events go instead of vanishing.
+
+    `<name>.unrouted` is the exchange's alternate exchange, with a durable quorum queue of the
+    same name bound to it: an event that no subscriber's binding matches waits there for an
+    operator. Declaring is idempotent; it fails only if the names exist with other settings.
+    """
+    unrouted = await channel.declare_exchange(
+        f"{name}.unrouted", aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    queue = await channel.declare_queue(
+        f"{name}.unrouted", durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await queue.bind(unrouted)
+    return await channel.declare_exchange(
+        name,
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        arguments={"alternate-exchange": f"{name}.unrouted"},
+    )
+
+
+class Broker:
+    """One robust connection and a confirming channel; publishes count only once confirmed."""
+
+    def __init__(self, url: str, exchange: str, *, connection_name: str = "conversations") -> None:
+        self._url = url
+        self._exchange_name = exchange
+        self._connection_name = connection_name
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchange: AbstractExchange | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether a publish could go out now."""
+        return (
+            self._connection is not None
+            and not self._connection.is_closed
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
+
+    async def connect(self, stopping: asyncio.Event) -> None:
+        """Connect and declare the topology, retrying with backoff until done or `stopping`.
+
+        After the first success the robust connection reconnects (and re-declares) by itself.
+        """
+        backoff = Backoff()
+        while not stopping.is_set():
+            try:
+                connection = await aio_pika.connect_robust(
+                    self._url, client_properties={"connection_name": self._connection_name}
+                )
+            except BROKER_UNAVAILABLE as error:
+                delay = backoff.next_delay()
+                log.warning(
+                    "RabbitMQ unreachable (%s); retrying in %.1fs", type(error).__name__, delay
+                )
+                await sleep_unless(stopping, delay)
+                continue
+            try:
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                self._exchange = await declare_topology(channel, self._exchange_name)
+            except BaseException:
+                await connection.close()
+                raise
+            self._connection, self._channel = connection, channel  # type: ignore[assignment]
+            log.info("connected to RabbitMQ; exchange %r declared", self._exchange_name)
+            return
+
+    async def publish(
+        self, message: aio_pika.Message, routing_key: str, confirm_timeout: float
+    ) -> None:
+        """Publish `message` and wait for the broker's confirm; raise if it is not confirmed."""
+        if self._exchange is None:
+            raise BrokerUnavailable("not connected to RabbitMQ yet")
+        await self._exchange.publish(message, routing_key, mandatory=True, timeout=confirm_timeout)
+
+    async def close(self) -> None:
+        """Close the connection (unconfirmed publishes fail and stay pending in the outbox)."""
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = self._channel = self._exchange = None

@@ -1,0 +1,203 @@
+"""The outbox relay: publishes committed events to RabbitMQ, in order, losing nothing.
+
+One relay is active across all replicas: it holds a PostgreSQL advisory lock on its own
+connection, and the others stand by until the lock is free (its holder's session ended). The
+active relay is woken by NOTIFY after each commit, polls as a fallback, publishes a batch with
+publisher confirms, and marks rows published only once the broker has confirmed them: a crash
+in between publishes them again (same message_id), never loses them.
+"""
+
+import asyncio
+import logging
+import time
+
+import aio_pika
+import asyncpg
+
+from service.backoff import Backoff, sleep_unless
+from service.broker import BROKER_UNAVAILABLE, Broker
+from service.errors import DATABASE_UNAVAILABLE
+from service.settings import EventSettings
+
+log = logging.getLogger(__name__)
+
+APP_ID = "conversations"
+# Session-level advisory lock that makes a relay the active one ("convrela").
+RELAY_LOCK_KEY = 0x636F6E76_72656C61
+NOTIFY_CHANNEL = "outbox"
+STANDBY_RETRY_SECONDS = 2.0
+PUBLISH_CONFIRM_TIMEOUT_SECONDS = 10.0
+CLEANUP_INTERVAL_SECONDS = 60.0
+CLEANUP_BATCH = 1000
+
+SELECT_PENDING = """
+SELECT id, event_id, event_type, account_id, conversation_id, payload, traceparent, created_at
+FROM outbox
+WHERE published_at IS NULL
+ORDER BY id
+LIMIT $1
+"""
+MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])"
+DELETE_PUBLISHED = """
+DELETE FROM outbox
+WHERE id IN (
+    SELECT id FROM outbox
+    WHERE published_at < now() - make_interval(secs => $1)
+    ORDER BY id
+    LIMIT $2
+)
+"""
+TRY_LOCK = "SELECT pg_try_advisory_lock($1)"
+
+
+def build_message(row: asyncpg.Record) -> aio_pika.Message:
+    """The AMQP message for an outbox row: the contract's properties and headers."""
+    headers: dict[str, str] = {
+        "account_id": row["account_id"],
+        "conversation_id": row["conversation_id"],
+    }
+    if row["traceparent"]:
+        headers["traceparent"] = row["traceparent"]
+    return aio_pika.Message(
+        body=row["payload"].encode(),
+        message_id=row["event_id"],
+        type=row["event_type"],
+        timestamp=row["created_at"],
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        app_id=APP_ID,
+        headers=headers,  # type: ignore[arg-type]
+    )
+
+
+class Relay:
+    """Drains the outbox to the broker while it holds the relay lock; stands by otherwise."""
+
+    def __init__(self, database_url: str, broker: Broker, settings: EventSettings) -> None:
+        self._database_url = database_url
+        self._broker = broker
+        self._settings = settings
+        self._stopping = asyncio.Event()
+        self.is_leader = False
+        self.published = 0
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from `run` (unconfirmed rows stay pending)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Relay until `stop()`: connect, become the active relay or stand by, drain, repeat."""
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            try:
+                conn = await asyncpg.connect(self._database_url)
+            except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as error:
+                await self._pause(backoff.next_delay(), "PostgreSQL unreachable", error)
+                continue
+            try:
+                await self._lead(conn, backoff)
+            except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as error:
+                await self._pause(backoff.next_delay(), "PostgreSQL connection lost", error)
+            finally:
+                if self.is_leader:
+                    log.info("relay is no longer the active one")
+                self.is_leader = False
+                conn.terminate()  # ends the session, so the lock is free for a standby at once
+
+    async def _lead(self, conn: asyncpg.Connection, backoff: Backoff) -> None:
+        while not await conn.fetchval(TRY_LOCK, RELAY_LOCK_KEY):
+            if await sleep_unless(self._stopping, STANDBY_RETRY_SECONDS):
+                return
+        self.is_leader = True
+        backoff.reset()
+        log.info("relay is the active one")
+        wake = asyncio.Event()
+        await conn.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
+        broker_backoff = Backoff()
+        last_cleanup = 0.0
+        while not self._stopping.is_set():
+            wake.clear()
+            if not self._broker.connected:
+                await self._pause(broker_backoff.next_delay(), "RabbitMQ not connected", None)
+                continue
+            try:
+                await self._drain(conn)
+            except BROKER_UNAVAILABLE as error:
+                await self._pause(broker_backoff.next_delay(), "publishing failed", error)
+                continue
+            broker_backoff.reset()
+            if time.monotonic() - last_cleanup >= CLEANUP_INTERVAL_SECONDS:
+                await self.remove_published(conn)
+                last_cleanup = time.monotonic()
+            await self._wait(wake, self._settings.relay_poll_interval_seconds)
+
+    async def _drain(self, conn: asyncpg.Connection) -> None:
+        """Publish batches until the outbox is empty (or we are stopping)."""
+        batch_size = self._settings.relay_batch_size
+        while True:
+            rows = await conn.fetch(SELECT_PENDING, batch_size)
+            if rows:
+                await self.publish_batch(conn, rows)
+            if len(rows) < batch_size or self._stopping.is_set():
+                return
+
+    async def publish_batch(self, conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
+        """Publish `rows` in order, then mark the confirmed ones published.
+
+        The publishes are pipelined on one channel, so the broker receives them in row order.
+        Only the confirmed prefix is marked: if an event fails, it and every later one are
+        published again next time, so per conversation nothing is ever overtaken for good.
+        """
+        results = await asyncio.gather(
+            *(
+                self._broker.publish(
+                    build_message(row), row["event_type"], PUBLISH_CONFIRM_TIMEOUT_SECONDS
+                )
+                for row in rows
+            ),
+            return_exceptions=True,
+        )
+        confirmed = []
+        failure: BaseException | None = None
+        for row, result in zip(rows, results, strict=True):
+            if isinstance(result, BaseException):
+                failure = result
+                break
+            confirmed.append(row["id"])
+        if confirmed:
+            await self.mark_published(conn, confirmed)
+            self.published += len(confirmed)
+        if failure is not None:
+            raise failure
+
+    async def mark_published(self, conn: asyncpg.Connection, ids: list[int]) -> None:
+        """Stamp rows as published: the broker has confirmed them."""
+        await conn.execute(MARK_PUBLISHED, ids)
+
+    async def remove_published(self, conn: asyncpg.Connection) -> int:
+        """Delete rows published longer ago than the retention, in bounded batches."""
+        retention = self._settings.outbox_retention_hours * 3600
+        removed = 0
+        while not self._stopping.is_set():
+            status = await conn.execute(DELETE_PUBLISHED, retention, CLEANUP_BATCH)
+            count = int(status.split()[-1])
+            removed += count
+            if count < CLEANUP_BATCH:
+                break
+        if removed:
+            log.info("removed %d published outbox rows past retention", removed)
+        return removed
+
+    async def _wait(self, wake: asyncio.Event, seconds: float) -> None:
+        """Until a NOTIFY, the poll interval, or stop."""
+        waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(self._stopping.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _pause(self, seconds: float, what: str, error: BaseException | None) -> None:
+        reason = f" ({type(error).__name__})" if error is not None else ""
+        log.warning("%s%s; retrying in %.1fs", what, reason, seconds)
+        await sleep_unless(self._stopping, seconds)
