@@ -21,6 +21,10 @@ BROKER_UNAVAILABLE = (
 )
 
 
+# How often the robust connection retries once an established connection is lost.
+RECONNECT_INTERVAL_SECONDS = 1.0
+
+
 class BrokerUnavailable(Exception):
     """No connection to RabbitMQ right now."""
 
@@ -77,7 +81,9 @@ class Broker:
         while not stopping.is_set():
             try:
                 connection = await aio_pika.connect_robust(
-                    self._url, client_properties={"connection_name": self._connection_name}
+                    self._url,
+                    client_properties={"connection_name": self._connection_name},
+                    reconnect_interval=RECONNECT_INTERVAL_SECONDS,
                 )
             except BROKER_UNAVAILABLE as error:
                 delay = backoff.next_delay()

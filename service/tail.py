@@ -1,5 +1,6 @@
 """`conversations events tail`: a throwaway subscriber that prints events as they arrive."""
 
+import asyncio
 import sys
 from typing import TextIO
 
@@ -15,9 +16,13 @@ async def tail(
     *,
     count: int | None = None,
     out: TextIO = sys.stdout,
+    bound: asyncio.Event | None = None,
 ) -> int:
     """Bind an exclusive, auto-deleted queue to the events exchange and print each event's body
-    on one line; stop after `count` events if given. Returns how many were printed."""
+    on one line; stop after `count` events if given. Returns how many were printed.
+
+    `bound` is set once the queue is bound: events committed after that are all seen.
+    """
     connection = await aio_pika.connect_robust(
         amqp_url, client_properties={"connection_name": "conversations events tail"}
     )
@@ -29,6 +34,8 @@ async def tail(
         for routing_key in types or ["#"]:
             await queue.bind(exchange, routing_key=routing_key)
         print(f"# bound to {exchange_name!r} for {', '.join(types or ['#'])}", file=sys.stderr)
+        if bound is not None:
+            bound.set()
         async with queue.iterator() as messages:
             async for message in messages:
                 async with message.process():

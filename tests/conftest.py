@@ -104,7 +104,9 @@ def settings(db_url: str, auth_settings: AuthSettings) -> Settings:
         auth=auth_settings,
         events=EventSettings(
             amqp_url=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/"),
-            exchange=f"conversations_test_{uuid.uuid4().hex[:8]}",
+            # One exchange for the HTTP tests (declared, never published to); the event tests
+            # use their own, so that they see only their own events.
+            exchange="conversations_test",
             # The relay runs only in the event tests; elsewhere events wait in the outbox.
             relay_enabled=False,
             relay_batch_size=100,

@@ -1,61 +1,17 @@
 """PostgreSQL going away: the service answers 503 (never 500, never a hang), loses no committed
 write, and recovers by itself when the database returns."""
 
-import asyncio
 import dataclasses
-import socket
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from service.app import create_app
-
-
-class TcpProxy:
-    """A loopback TCP proxy to PostgreSQL that the test can cut and restore."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.port = _free_port()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        """Refuse new connections and drop the open ones, as a crashed database would."""
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.proxy import TcpProxy, free_port
 
 
 def _via(url: str, port: int) -> str:
+    """`url` with its host and port replaced by 127.0.0.1:`port`."""
     parts = urlsplit(url)
     netloc = parts.netloc.rsplit("@", 1)
     host = f"127.0.0.1:{port}"
@@ -68,14 +24,14 @@ async def proxy(db_url):
     proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     await proxy.start()
     yield proxy
-    if proxy._server is not None and proxy._server.is_serving():
+    if proxy.running:
         await proxy.cut()
 
 
 async def test_the_service_starts_and_answers_503_while_the_database_is_down(
     aiohttp_client, settings, headers
 ):
-    down = dataclasses.replace(settings, database_url=_via(settings.database_url, _free_port()))
+    down = dataclasses.replace(settings, database_url=_via(settings.database_url, free_port()))
     client = await aiohttp_client(create_app(down))
     assert (await client.get("/healthz")).status == 200
     resp = await client.get("/readyz")

@@ -1,0 +1,468 @@
+"""Events end to end: HTTP writes -> outbox -> relay -> a real RabbitMQ -> a subscriber."""
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import itertools
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+import orjson
+import pytest
+
+from schemas.event import EventSchema
+from service.app import create_app
+from service.broker import Broker, declare_topology
+from service.relay import Relay
+from service.tail import tail
+from tests.proxy import TcpProxy
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def amqp_url() -> str:
+    url = os.environ.get("AMQP_URL")
+    if not url:
+        pytest.exit("AMQP_URL is not set: run the tests with `make test`", returncode=2)
+    return url
+
+
+class Subscriber:
+    """An exclusive queue bound to the test's exchange, collecting every message."""
+
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+
+    async def start(self, exchange: str) -> None:
+        self.connection = await aio_pika.connect_robust(amqp_url())
+        channel = await self.connection.channel()
+        topic = await declare_topology(channel, exchange)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(topic, routing_key="#")
+
+        async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await message.ack()
+            await self.messages.put(message)
+
+        await queue.consume(collect)
+
+    async def receive(self, count: int, timeout: float = 20.0) -> list:
+        """Exactly `count` messages (fails on a timeout)."""
+        got = []
+        async with asyncio.timeout(timeout):
+            while len(got) < count:
+                got.append(await self.messages.get())
+        return got
+
+    async def nothing_more(self, wait: float = 0.5) -> None:
+        await asyncio.sleep(wait)
+        assert self.messages.empty(), "an unexpected extra message arrived"
+
+
+@pytest.fixture
+async def exchange() -> AsyncIterator[str]:
+    """An exchange of this test's own; removed, with its unrouted queue, afterwards."""
+    name = f"conversations_test_{uuid.uuid4().hex[:10]}"
+    yield name
+    connection = await aio_pika.connect_robust(amqp_url())
+    async with connection:
+        channel = await connection.channel()
+        await channel.exchange_delete(name)
+        await channel.exchange_delete(f"{name}.unrouted")
+        await channel.queue_delete(f"{name}.unrouted")
+
+
+@pytest.fixture
+async def subscriber(exchange: str) -> AsyncIterator[Subscriber]:
+    sub = Subscriber()
+    await sub.start(exchange)
+    yield sub
+    await sub.connection.close()
+
+
+@pytest.fixture
+def event_settings(settings, exchange):
+    """The test settings with the relay on, publishing to the test's exchange."""
+    events = dataclasses.replace(
+        settings.events, amqp_url=amqp_url(), exchange=exchange, relay_enabled=True
+    )
+    return dataclasses.replace(settings, events=events)
+
+
+@pytest.fixture
+async def client(event_settings, aiohttp_client):
+    return await aiohttp_client(create_app(event_settings))
+
+
+async def create(client, headers, **body) -> dict:
+    resp = await client.post("/v1/conversations", json=body, headers=headers)
+    assert resp.status == 201, await resp.text()
+    return await resp.json()
+
+
+def body(message) -> dict:
+    return EventSchema().loads(message.body)
+
+
+# --- what each write publishes ----------------------------------------------------------------
+
+
+async def test_each_committed_write_publishes_one_message(client, headers, account, subscriber, db):
+    trace = {**headers, "traceparent": TRACEPARENT}
+    created = await create(client, trace, contact_id="c1")
+    url = f"/v1/conversations/{created['id']}"
+    assert (await client.patch(url, json={"is_muted": True}, headers=headers)).status == 200
+    assert (
+        await client.patch(url, json={"archived_at": 1700000000}, headers=headers)
+    ).status == 200
+    assert (
+        await client.patch(url, json={"is_muted": True}, headers=headers)
+    ).status == 200  # no-op
+    assert (await client.patch(url, json={"is_muted": "yes"}, headers=headers)).status == 422
+    assert (await client.patch(url, json={"archived_at": None}, headers=headers)).status == 200
+    assert (await client.delete(url, headers=headers)).status == 200
+
+    messages = await subscriber.receive(5)
+    await subscriber.nothing_more()
+    assert [m.routing_key for m in messages] == [
+        "conversation.created",
+        "conversation.updated",
+        "conversation.archived",
+        "conversation.updated",
+        "conversation.deleted",
+    ]
+    outbox = {
+        r["event_id"]: r["payload"] for r in await db.fetch("SELECT event_id, payload FROM outbox")
+    }
+    for number, message in enumerate(messages, start=1):
+        event = body(message)
+        assert message.message_id == event["id"]
+        assert message.type == event["type"] == message.routing_key
+        assert message.content_type == "application/json"
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert message.app_id == "conversations"
+        assert abs(message.timestamp.timestamp() - event["created_at"]) < 2
+        assert message.headers["account_id"] == account == event["account_id"]
+        assert message.headers["conversation_id"] == created["id"]
+        assert event["sequence"] == number
+        assert orjson.loads(outbox[event["id"]]) == orjson.loads(message.body)
+    assert messages[0].headers["traceparent"] == TRACEPARENT
+    assert "traceparent" not in messages[1].headers
+    assert body(messages[2])["data"]["previous_attributes"] == {"archived_at": None}
+    assert body(messages[4])["data"]["object"]["archived_at"] is None
+    # Everything the relay published is marked published.
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+
+
+async def test_per_conversation_order_under_concurrent_writes(client, headers, subscriber):
+    conversations = [await create(client, headers, contact_id=f"c{n}") for n in range(4)]
+
+    async def touch(conversation: dict, times: int) -> None:
+        for n in range(times):
+            url = f"/v1/conversations/{conversation['id']}"
+            resp = await client.put(url, json={"last_active_at": n + 1}, headers=headers)
+            assert resp.status == 200
+
+    await asyncio.gather(*(touch(c, 15) for c in conversations))
+    messages = await subscriber.receive(4 + 4 * 15)
+    sequences: dict[str, list[int]] = {}
+    for message in messages:
+        sequences.setdefault(message.headers["conversation_id"], []).append(
+            body(message)["sequence"]
+        )
+    assert sequences == {c["id"]: list(range(1, 17)) for c in conversations}
+
+
+async def test_a_rejected_or_rolled_back_write_publishes_nothing(client, headers, subscriber, db):
+    created = await create(client, headers, contact_id="c1")
+    await subscriber.receive(1)
+    url = f"/v1/conversations/{created['id']}"
+    assert (await client.put(url, json={"id": "x"}, headers=headers)).status == 422
+    assert (
+        await client.put(url, json={"is_muted": True}, headers={**headers, "If-Match": '"9"'})
+    ).status == 412
+    assert (
+        await client.post("/v1/conversations", json={"contact_id": "c1"}, headers=headers)
+    ).status == 200
+    await subscriber.nothing_more(1.0)
+    assert await db.fetchval("SELECT count(*) FROM outbox") == 1
+
+
+async def test_notify_wakes_the_relay_long_before_its_poll(
+    event_settings, aiohttp_client, headers, subscriber
+):
+    slow_poll = dataclasses.replace(event_settings.events, relay_poll_interval_seconds=30)
+    client = await aiohttp_client(create_app(dataclasses.replace(event_settings, events=slow_poll)))
+    await create(client, headers, contact_id="warm-up")
+    await subscriber.receive(1)  # the relay is connected and waiting
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    await create(client, headers, contact_id="c1")
+    await subscriber.receive(1, timeout=10)
+    assert time.monotonic() - started < 10  # a 30 s poll would not have found it yet
+
+
+async def test_unroutable_events_wait_in_the_unrouted_queue(client, headers, exchange):
+    # No subscriber is bound: the alternate exchange keeps the event instead of dropping it.
+    created = await create(client, headers, contact_id="c1")
+    connection = await aio_pika.connect_robust(amqp_url())
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(
+            f"{exchange}.unrouted", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        async with asyncio.timeout(20):
+            while (message := await queue.get(fail=False)) is None:
+                await asyncio.sleep(0.1)
+        await message.ack()
+    assert body(message)["data"]["object"]["id"] == created["id"]
+
+
+async def test_readyz_reports_broker_relay_and_backlog(client):
+    async with asyncio.timeout(20):
+        while True:
+            checks = (await (await client.get("/readyz")).json())["checks"]
+            if checks["broker"] == "connected" and checks["relay"] == "active":
+                break
+            await asyncio.sleep(0.1)
+    assert checks["outbox"]["pending"] == 0
+
+
+# --- the broker going away --------------------------------------------------------------------
+
+
+def _via_proxy(url: str, proxy: TcpProxy) -> str:
+    parts = urlsplit(url)
+    credentials = parts.netloc.rsplit("@", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}"))
+
+
+async def test_writes_succeed_while_the_broker_is_down_and_every_event_arrives_after(
+    event_settings, aiohttp_client, headers, subscriber, db
+):
+    parts = urlsplit(amqp_url())
+    proxy = TcpProxy(parts.hostname, parts.port)
+    await proxy.start()
+    events = dataclasses.replace(event_settings.events, amqp_url=_via_proxy(amqp_url(), proxy))
+    client = await aiohttp_client(create_app(dataclasses.replace(event_settings, events=events)))
+    try:
+        first = await create(client, headers, contact_id="before")
+        [message] = await subscriber.receive(1)
+        ids = [message.message_id]
+
+        await proxy.cut()
+        during = [await create(client, headers, contact_id=f"during{n}") for n in range(10)]
+        for conversation in during[:3]:
+            resp = await client.put(
+                f"/v1/conversations/{conversation['id']}", json={"is_pinned": True}, headers=headers
+            )
+            assert resp.status == 200
+        ready = await (await client.get("/readyz")).json()
+        assert ready["checks"]["broker"] == "disconnected"
+        assert ready["checks"]["outbox"]["pending"] >= 13
+        await subscriber.nothing_more(1.0)
+
+        await proxy.start()
+        messages = await subscriber.receive(13, timeout=60)
+        await subscriber.nothing_more(1.0)
+    finally:
+        if proxy.running:
+            await proxy.cut()
+    ids += [m.message_id for m in messages]
+    outbox_ids = [r["event_id"] for r in await db.fetch("SELECT event_id FROM outbox ORDER BY id")]
+    assert sorted(ids) == sorted(outbox_ids)
+    assert len(set(ids)) == 14  # each event once
+    assert first["id"] not in {m.headers["conversation_id"] for m in messages}
+    per_conversation: dict[str, list[int]] = {}
+    for m in messages:
+        per_conversation.setdefault(m.headers["conversation_id"], []).append(body(m)["sequence"])
+    assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in per_conversation.values())
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+
+
+# --- relays: crash between publish and mark, and only one active ------------------------------
+
+
+class _Recording(Broker):
+    """A broker that notes when each publish starts and ends, for overlap checks."""
+
+    def __init__(self, url: str, exchange: str, log: list, name: str) -> None:
+        super().__init__(url, exchange)
+        self._log = log
+        self._name = name
+
+    async def publish(self, message, routing_key, confirm_timeout) -> None:
+        start = time.monotonic()
+        await super().publish(message, routing_key, confirm_timeout)
+        self._log.append((self._name, start, time.monotonic(), message.message_id))
+
+
+@contextlib.asynccontextmanager
+async def running_relay(
+    event_settings, broker: Broker
+) -> AsyncIterator[tuple[Relay, asyncio.Task]]:
+    stopping = asyncio.Event()
+    await broker.connect(stopping)
+    relay = Relay(event_settings.database_url, broker, event_settings.events)
+    task = asyncio.create_task(relay.run())
+    try:
+        yield relay, task
+    finally:
+        relay.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+        await broker.close()
+
+
+async def write_events(settings, aiohttp_client, headers, count: int) -> None:
+    """Writes through an app that runs no relay: the events wait in the outbox."""
+    quiet = dataclasses.replace(settings.events, relay_enabled=False)
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, events=quiet)))
+    for n in range(count):
+        await create(client, headers, contact_id=f"c{n}-{uuid.uuid4().hex[:6]}")
+
+
+async def wait_until(condition, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await condition():
+            await asyncio.sleep(0.05)
+
+
+async def test_a_relay_killed_before_marking_causes_a_duplicate_never_a_loss(
+    event_settings, aiohttp_client, headers, subscriber, db
+):
+    await write_events(event_settings, aiohttp_client, headers, 3)
+    exchange = event_settings.events.exchange
+
+    class KilledBeforeMarking(Relay):
+        async def mark_published(self, conn, ids) -> None:
+            await (
+                asyncio.Event().wait()
+            )  # the process dies here: after the confirms, before the mark
+
+    broker = Broker(amqp_url(), exchange)
+    await broker.connect(asyncio.Event())
+    doomed = KilledBeforeMarking(event_settings.database_url, broker, event_settings.events)
+    task = asyncio.create_task(doomed.run())
+    first = await subscriber.receive(3)
+    task.cancel()  # killed; its session ends, so its lock is free
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await broker.close()
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 3
+
+    async with running_relay(event_settings, Broker(amqp_url(), exchange)):
+        again = await subscriber.receive(3)
+        await wait_until(lambda: _pending_is(db, 0))
+    assert [m.message_id for m in again] == [m.message_id for m in first]
+    assert [m.body for m in again] == [m.body for m in first]
+
+
+async def _pending_is(db: asyncpg.Connection, count: int) -> bool:
+    return await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == count
+
+
+async def test_two_relays_never_publish_at_once_and_a_standby_takes_over(
+    event_settings, aiohttp_client, headers, subscriber, db
+):
+    exchange = event_settings.events.exchange
+    log: list = []
+    async with (
+        running_relay(event_settings, _Recording(amqp_url(), exchange, log, "a")) as (a, _),
+        running_relay(event_settings, _Recording(amqp_url(), exchange, log, "b")) as (b, _),
+    ):
+        await wait_until(lambda: _true(a.is_leader or b.is_leader))
+        await write_events(event_settings, aiohttp_client, headers, 40)
+        await subscriber.receive(40)
+        await wait_until(lambda: _pending_is(db, 0))
+        assert a.is_leader != b.is_leader
+        leader, standby = (a, b) if a.is_leader else (b, a)
+        leader_name = "a" if leader is a else "b"
+        assert {name for name, *_ in log} == {leader_name}
+        assert standby.published == 0
+
+        # The active relay stops; the standby takes over and publishes what comes next.
+        leader.stop()
+        await wait_until(lambda: _true(standby.is_leader))
+        await write_events(event_settings, aiohttp_client, headers, 10)
+        await subscriber.receive(10)
+        await wait_until(lambda: _pending_is(db, 0))
+        assert standby.published == 10
+    spans = sorted((start, end, name) for name, start, end, _ in log)
+    for (_, end, name), (start, _, next_name) in itertools.pairwise(spans):
+        assert name == next_name or end <= start, "two relays published at the same time"
+    assert await _pending_is(db, 0)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_published_rows_past_retention_are_removed_in_batches(event_settings, db):
+    await db.execute(
+        """
+        INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload,
+                            published_at)
+        SELECT 'evt_' || lpad(n::text, 16, '0'), 'conversation.updated', 'a', 'c', n, '{}',
+               CASE WHEN n <= 2500 THEN now() - interval '100 hours'
+                    WHEN n <= 2600 THEN now() - interval '1 hour' END
+        FROM generate_series(1, 2700) AS n
+        """
+    )
+    relay = Relay(event_settings.database_url, Broker(amqp_url(), "unused"), event_settings.events)
+    assert await relay.remove_published(db) == 2500
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 100
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 100
+
+
+# --- events tail ------------------------------------------------------------------------------
+
+
+async def test_events_tail_prints_each_event_on_a_line(client, headers, exchange):
+    out = io.StringIO()
+    bound = asyncio.Event()
+    tailing = asyncio.create_task(
+        tail(amqp_url(), exchange, ["conversation.created"], count=2, out=out, bound=bound)
+    )
+    await asyncio.wait_for(bound.wait(), 20)
+    first = await create(client, headers, contact_id="c1")
+    await client.put(f"/v1/conversations/{first['id']}", json={"is_muted": True}, headers=headers)
+    second = await create(client, headers, contact_id="c2")
+    assert await asyncio.wait_for(tailing, 20) == 2
+    lines = out.getvalue().splitlines()
+    assert [orjson.loads(line)["data"]["object"]["id"] for line in lines] == [
+        first["id"],
+        second["id"],
+    ]
+
+
+async def test_the_relay_command_publishes_and_stops_cleanly_on_sigterm(
+    event_settings, aiohttp_client, headers, subscriber, db
+):
+    await write_events(event_settings, aiohttp_client, headers, 5)
+    env = {
+        **os.environ,
+        "DATABASE_URL": event_settings.database_url,
+        "AMQP_URL": amqp_url(),
+        "EVENTS_EXCHANGE": event_settings.events.exchange,
+        "JWT_HS256_SECRETS": event_settings.auth.hs256_secrets[0],
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "relay", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await subscriber.receive(5, timeout=30)
+        await wait_until(lambda: _pending_is(db, 0))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert b"relay is the active one" in stderr
