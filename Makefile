@@ -11,6 +11,7 @@ PYTEST_ARGS ?=
 VENV := .venv
 SERVICES := deploy/dev/services.sh
 JWT_SECRET := .dev/jwt-secret
+ASYNCAPI_TOOLS := tools/asyncapi
 
 # Starts a recipe line that needs the services: exports DATABASE_URL and
 # AMQP_URL from the services script, and the dev JWT secret unless the
@@ -27,7 +28,7 @@ help:
 	@echo 'make env            print export lines: DATABASE_URL, AMQP_URL, JWT_HS256_SECRETS'
 	@echo 'make migrate        apply the database migrations'
 	@echo 'make run            migrate, print a dev token and curl examples, serve on 127.0.0.1:$$PORT (8080)'
-	@echo 'make test           run pytest against the local services (PYTEST_ARGS="-k foo")'
+	@echo 'make test           run pytest against the local services (PYTEST_ARGS="-k foo"); installs the AsyncAPI validator (Node)'
 	@echo 'make lint           ruff check and ruff format --check'
 	@echo 'make clean          stop the services, then delete .dev/ and .venv/'
 
@@ -48,6 +49,17 @@ $(VENV)/bin/pip:
 # own upgrades do not trigger a reinstall.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/pip
 	$(VENV)/bin/pip install -e '.[dev]'
+	@touch $@
+
+# The official AsyncAPI parser, a Node package, validates docs/asyncapi.json in
+# tests/test_asyncapi.py: Debian's nodejs and npm are installed when missing,
+# then the locked versions. Reinstalled only when the lock changes. No
+# dependency needs an install script; the one there (scarf) only reports usage.
+$(ASYNCAPI_TOOLS)/node_modules/.installed: $(ASYNCAPI_TOOLS)/package-lock.json
+	@if ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
+		deploy/dev/install-packages.sh nodejs npm; \
+	fi
+	npm ci --prefix $(ASYNCAPI_TOOLS) --no-audit --no-fund --ignore-scripts
 	@touch $@
 
 services-up:
@@ -83,7 +95,7 @@ run: venv services-up migrate
 	export PORT=$(PORT) HOST=127.0.0.1 LOG_FORMAT=console; \
 	exec $(VENV)/bin/conversations serve
 
-test: venv services-up $(JWT_SECRET)
+test: venv services-up $(JWT_SECRET) $(ASYNCAPI_TOOLS)/node_modules/.installed
 	@$(WITH_ENV) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: venv
@@ -95,4 +107,4 @@ lint: venv
 clean:
 	@$(SERVICES) down
 	@if [[ -L .dev/pg ]]; then rm -rf -- "$$(readlink .dev/pg)"; fi
-	rm -rf .dev $(VENV)
+	rm -rf .dev $(VENV) tools/asyncapi/node_modules

@@ -2,13 +2,25 @@
 
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
+from marshmallow import (
+    EXCLUDE,
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    pre_load,
+    validate,
+    validates_schema,
+)
 
 from schemas.fields import StrictBoolean, conversation_id, reference_id, timestamp
 
 
 class ConversationSchema(Schema):
     """The conversation resource, as every response and event carries it."""
+
+    class Meta:
+        unknown = EXCLUDE  # clients and subscribers must tolerate fields added later
 
     id = conversation_id(required=True, metadata={"example": "0ujsswThIGTUYm2K"})
     contact_id = reference_id(

@@ -12,6 +12,8 @@ from marshmallow import ValidationError, fields, validate
 MAX_TIMESTAMP = 253402300799
 # Ids the service generates: 8 base62 characters of time, 8 random ones.
 CONVERSATION_ID_PATTERN = r"^[0-9A-Za-z]{16}$"
+# W3C Trace Context `traceparent`: version-trace id-parent id-flags, in lower-case hex.
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 # Ids owned by other services (contacts, groups, messages).
 REFERENCE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 

@@ -7,7 +7,7 @@ import orjson
 from aiohttp import web
 
 from schemas import ConversationCreateSchema, ConversationListQuerySchema, ConversationUpdateSchema
-from schemas.fields import CONVERSATION_ID_PATTERN
+from schemas.fields import CONVERSATION_ID_PATTERN, TRACEPARENT_PATTERN
 from service import conversations
 from service.bodies import load_query, read_body
 from service.conversations import ConversationNotFound, IfMatch, VersionMismatch
@@ -19,7 +19,7 @@ _create_schema = ConversationCreateSchema()
 _update_schema = ConversationUpdateSchema()
 _list_query_schema = ConversationListQuerySchema()
 _ID = re.compile(CONVERSATION_ID_PATTERN)
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACEPARENT = re.compile(TRACEPARENT_PATTERN)
 
 
 def json_response(
