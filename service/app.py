@@ -2,6 +2,7 @@
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import asyncpg
 from aiohttp import web
@@ -11,8 +12,24 @@ from service.auth import TokenVerifier
 from service.bodies import MAX_BODY_BYTES
 from service.errors import DATABASE_UNAVAILABLE
 from service.events import events_running
-from service.keys import DB_POOL, EVENTS, OPENAPI_DOCUMENT, SETTINGS, TOKEN_VERIFIER
-from service.middleware import auth_middleware, error_middleware, request_id_middleware
+from service.keys import (
+    DB_POOL,
+    EVENTS,
+    LIFECYCLE,
+    METRICS,
+    OPENAPI_DOCUMENT,
+    ROLE,
+    SETTINGS,
+    TOKEN_VERIFIER,
+    Lifecycle,
+)
+from service.metrics import Metrics
+from service.middleware import (
+    auth_middleware,
+    error_middleware,
+    metrics_middleware,
+    request_id_middleware,
+)
 from service.openapi import render_openapi
 from service.settings import Settings
 
@@ -49,25 +66,45 @@ async def database_pool(app: web.Application) -> AsyncIterator[None]:
 
 
 async def events(app: web.Application) -> AsyncIterator[None]:
-    """RabbitMQ (topology declared at start-up) and, unless RELAY_ENABLED=false, the relay."""
+    """RabbitMQ (topology declared at start-up) and the relay where this process runs one."""
     settings = app[SETTINGS]
-    async with events_running(settings, relay=settings.events.relay_enabled) as running:
+    relay = app[ROLE] == "relay" or settings.events.relay_enabled
+    async with events_running(settings, relay=relay, metrics=app[METRICS]) as running:
         app[EVENTS] = running
         yield
 
 
-def create_app(settings: Settings) -> web.Application:
-    """The whole HTTP service for `settings`; `web.run_app` serves it."""
+async def stop_being_ready(app: web.Application) -> None:
+    """First thing on SIGTERM: /readyz fails, so no new traffic is routed here."""
+    app[LIFECYCLE].stopping = True
+
+
+def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> web.Application:
+    """The service for `settings`; `web.run_app` serves it.
+
+    `api` serves /v1/conversations (and runs the relay too unless RELAY_ENABLED=false);
+    `relay` runs the relay and serves only the probes and /metrics.
+    """
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware, auth_middleware],
+        middlewares=[metrics_middleware, request_id_middleware, error_middleware, auth_middleware],
         client_max_size=MAX_BODY_BYTES,
     )
     app[SETTINGS] = settings
+    app[ROLE] = role
+    app[LIFECYCLE] = Lifecycle()
+    app[METRICS] = Metrics()
     app[TOKEN_VERIFIER] = TokenVerifier(settings.auth)
     app[OPENAPI_DOCUMENT] = render_openapi()
     app.cleanup_ctx.append(database_pool)
     app.cleanup_ctx.append(events)
+    app.on_shutdown.append(stop_being_ready)
 
+    app.router.add_get("/healthz", probes.healthz)
+    app.router.add_get("/readyz", probes.readyz)
+    app.router.add_get("/metrics", probes.metrics)
+    if role == "relay":
+        return app
+    app.router.add_get("/openapi.json", probes.openapi_document)
     app.router.add_get("/v1/conversations", handlers.list_conversations)
     app.router.add_post("/v1/conversations", handlers.create_conversation)
     item = app.router.add_resource("/v1/conversations/{id}", name="conversation")
@@ -76,7 +113,4 @@ def create_app(settings: Settings) -> web.Application:
     item.add_route("PUT", handlers.update_conversation)
     item.add_route("PATCH", handlers.update_conversation)
     item.add_route("DELETE", handlers.delete_conversation)
-    app.router.add_get("/healthz", probes.healthz)
-    app.router.add_get("/readyz", probes.readyz)
-    app.router.add_get("/openapi.json", probes.openapi_document)
     return app

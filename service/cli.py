@@ -1,10 +1,11 @@
-"""The `conversations` command: serve, migrate, token, openapi."""
+"""The `conversations` command: serve, relay, migrate, token, events tail, openapi, asyncapi."""
 
 import argparse
 import asyncio
 import contextlib
 import logging
 import sys
+from typing import Literal
 
 import asyncpg
 
@@ -14,22 +15,31 @@ from service.settings import ConfigError, load_auth_settings, load_settings
 DEV_SCOPES = ["conversations:read", "conversations:write"]
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _run(role: Literal["api", "relay"]) -> int:
+    """Serve the app of `role` until SIGTERM/SIGINT, then shut down gracefully (exit 0)."""
     import uvloop
     from aiohttp import web
 
     from service.app import create_app
+    from service.logs import AccessLogger
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    uvloop.install()
     web.run_app(
-        create_app(settings),
+        create_app(settings, role=role),
         host=settings.host,
-        port=settings.port,
-        print=lambda message: logging.getLogger("service").info(message),
+        port=settings.port if role == "api" else settings.relay_http_port,
+        # In-flight requests get this long to finish after SIGTERM; then connections close.
+        shutdown_timeout=settings.shutdown_timeout_seconds,
+        access_log_class=AccessLogger,
+        print=lambda message: logging.getLogger("service").info(message.strip()),
+        loop=uvloop.new_event_loop(),
     )
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    return _run("api")
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -55,27 +65,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _relay(args: argparse.Namespace) -> int:
-    import signal
-
-    import uvloop
-
-    from service.events import events_running
-
-    settings = load_settings()
-    configure_logging(settings.log_level, settings.log_format)
-
-    async def run() -> None:
-        async with events_running(settings, relay=True) as events:
-            relay, task = events.relay, events.relay_task
-            if relay is None or task is None:  # relay=True always starts both
-                raise RuntimeError("the relay did not start")
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, relay.stop)
-            await task
-
-    uvloop.run(run())
-    return 0
+    return _run("relay")
 
 
 def _events_tail(args: argparse.Namespace) -> int:
@@ -102,6 +92,13 @@ def _openapi(args: argparse.Namespace) -> int:
     from service.openapi import render_openapi
 
     sys.stdout.buffer.write(render_openapi())
+    return 0
+
+
+def _asyncapi(args: argparse.Namespace) -> int:
+    from service.asyncapi import render_asyncapi
+
+    sys.stdout.buffer.write(render_asyncapi())
     return 0
 
 
@@ -137,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     token.set_defaults(run=_token)
     commands.add_parser("openapi", help="print the OpenAPI document").set_defaults(run=_openapi)
+    commands.add_parser("asyncapi", help="print the AsyncAPI document").set_defaults(run=_asyncapi)
     return parser
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from service.broker import Broker
+from service.metrics import Metrics
 from service.relay import Relay
 from service.settings import Settings
 
@@ -27,13 +28,15 @@ class Events:
 
 
 @contextlib.asynccontextmanager
-async def events_running(settings: Settings, *, relay: bool) -> AsyncIterator[Events]:
+async def events_running(
+    settings: Settings, *, relay: bool, metrics: Metrics | None = None
+) -> AsyncIterator[Events]:
     """Connect to RabbitMQ in the background (never blocking start-up on it), run the relay if
     asked, and on exit stop the relay after its current batch, then close the connection."""
     stopping = asyncio.Event()
     broker = Broker(settings.events.amqp_url, settings.events.exchange)
     connecting = asyncio.create_task(broker.connect(stopping), name="broker-connect")
-    running = Relay(settings.database_url, broker, settings.events) if relay else None
+    running = Relay(settings.database_url, broker, settings.events, metrics) if relay else None
     relay_task = asyncio.create_task(running.run(), name="relay") if running else None
     try:
         yield Events(broker, running, relay_task)

@@ -1,17 +1,31 @@
 """Every typed key for shared state on the application and on requests, in one place."""
 
+from dataclasses import dataclass
+
 import asyncpg
 from aiohttp import web
 
 from service.auth import Principal, TokenVerifier
 from service.events import Events
+from service.metrics import Metrics
 from service.settings import Settings
+
+
+@dataclass
+class Lifecycle:
+    """Where the process is in its life; `stopping` turns readiness off at once on SIGTERM."""
+
+    stopping: bool = False
+
 
 SETTINGS = web.AppKey("settings", Settings)
 DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
 TOKEN_VERIFIER = web.AppKey("token_verifier", TokenVerifier)
 OPENAPI_DOCUMENT = web.AppKey("openapi_document", bytes)
 EVENTS = web.AppKey("events", Events)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+METRICS = web.AppKey("metrics", Metrics)
+ROLE = web.AppKey("role", str)  # "api" or "relay"
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)

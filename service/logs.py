@@ -1,9 +1,17 @@
 """Logging set-up: one JSON object per line for machines, or plain lines for people."""
 
+import contextvars
 import logging
 import time
 
 import orjson
+from aiohttp import web
+
+# The request being served, set by the request-id middleware: every log line of a request
+# carries its id without threading it through every call.
+REQUEST_ID_VAR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "request_id", default=None
+)
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -20,6 +28,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = REQUEST_ID_VAR.get()
+        if request_id is not None:
+            entry["request_id"] = request_id
         for key, value in vars(record).items():
             if key not in _STANDARD and value is not None:
                 entry[key] = value
@@ -36,3 +47,35 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def route_template(request: web.BaseRequest) -> str | None:
+    """The matched route's template (`/v1/conversations/{id}`), never the raw path."""
+    if not isinstance(request, web.Request):
+        return None
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
+
+
+class AccessLogger(web.AbstractAccessLogger):
+    """One line per request: method, route template, status and duration (seconds).
+
+    Never the headers, the query string or the body: they can carry tokens and personal data.
+    """
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        route = route_template(request)
+        self.logger.info(
+            "%s %s %s %.1fms",
+            request.method,
+            route or "unmatched",
+            response.status,
+            time * 1000,
+            extra={
+                "request_id": response.headers.get("X-Request-ID"),
+                "method": request.method,
+                "route": route or "unmatched",
+                "status": response.status,
+                "duration": round(time, 6),
+            },
+        )

@@ -2,6 +2,7 @@
 
 import logging
 import re
+import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
@@ -12,7 +13,8 @@ from marshmallow import ValidationError
 
 from service.auth import READ_SCOPE, WRITE_SCOPE, InvalidToken
 from service.errors import DATABASE_UNAVAILABLE, ApiError, error_type, validation_error
-from service.keys import PRINCIPAL, REQUEST_ID, SETTINGS, TOKEN_VERIFIER
+from service.keys import METRICS, PRINCIPAL, REQUEST_ID, SETTINGS, TOKEN_VERIFIER
+from service.logs import REQUEST_ID_VAR, route_template
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -29,7 +31,11 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     given = request.headers.get("X-Request-ID", "")
     request_id = given if _REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
-    response = await handler(request)
+    token = REQUEST_ID_VAR.set(request_id)
+    try:
+        response = await handler(request)
+    finally:
+        REQUEST_ID_VAR.reset(token)
     response.headers["X-Request-ID"] = request_id
     return response
 
@@ -83,13 +89,8 @@ def _log_failure(request: web.Request, error: BaseException, what: str) -> None:
         what,
         type(error).__name__,
         where,
-        extra={"request_id": request.get(REQUEST_ID), "route": _route(request)},
+        extra={"request_id": request.get(REQUEST_ID), "route": route_template(request)},
     )
-
-
-def _route(request: web.Request) -> str | None:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else None
 
 
 def error_response(request: web.Request, error: ApiError) -> web.Response:
@@ -142,3 +143,21 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         )
     request[PRINCIPAL] = principal
     return await handler(request)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Time every request; label it by route template, never by raw path."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as error:
+        status = error.status
+        raise
+    finally:
+        request.app[METRICS].http_duration.labels(
+            request.method, route_template(request) or "unmatched", str(status)
+        ).observe(time.perf_counter() - started)

@@ -1,12 +1,15 @@
-"""Operational endpoints: liveness, readiness and the OpenAPI document. No token needed."""
+"""Operational endpoints: liveness, readiness, metrics and the OpenAPI document."""
 
 import asyncio
+import contextlib
+import hmac
 
+import asyncpg
 from aiohttp import web
 
-from service.errors import ApiError
+from service.errors import DATABASE_UNAVAILABLE, ApiError
 from service.handlers import json_response
-from service.keys import DB_POOL, EVENTS, OPENAPI_DOCUMENT
+from service.keys import DB_POOL, EVENTS, LIFECYCLE, METRICS, OPENAPI_DOCUMENT, SETTINGS
 from service.migrations import pending_migrations
 
 # A readiness probe must answer before the kubelet's own timeout, even with the database hung.
@@ -31,12 +34,14 @@ async def readyz(request: web.Request) -> web.Response:
     The broker, the relay and the outbox backlog are reported, never required: while RabbitMQ
     is down the API keeps taking writes, and their events wait in the outbox.
     """
+    if request.app[LIFECYCLE].stopping:
+        raise ApiError(503, "Not ready: shutting down.", headers={"Retry-After": "5"})
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
             async with request.app[DB_POOL].acquire() as conn:
                 pending = await pending_migrations(conn)
                 backlog = None if pending else await conn.fetchrow(OUTBOX_BACKLOG)
-    except (OSError, TimeoutError, Exception):  # any failure means "not ready"
+    except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError):
         raise ApiError(
             503,
             "Not ready: PostgreSQL is unreachable.",
@@ -69,6 +74,32 @@ async def readyz(request: web.Request) -> web.Response:
             },
         }
     )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format; the gauges are read now, at scrape time."""
+    token = request.app[SETTINGS].metrics_token
+    if token is not None and not hmac.compare_digest(
+        request.headers.get("Authorization", ""), f"Bearer {token}"
+    ):
+        raise ApiError(
+            401, "A bearer token is required for /metrics.", headers={"WWW-Authenticate": "Bearer"}
+        )
+    registry = request.app[METRICS]
+    pool = request.app[DB_POOL]
+    registry.db_pool_size.set(pool.get_size())
+    registry.db_pool_in_use.set(pool.get_size() - pool.get_idle_size())
+    registry.db_pool_max.set(pool.get_max_size())
+    events = request.app[EVENTS]
+    registry.broker_connected.set(1 if events.broker.connected else 0)
+    if events.relay is not None:  # the outbox is the relay's business: API replicas skip the query
+        registry.relay_leader.set(1 if events.relay.is_leader else 0)
+        with contextlib.suppress(*DATABASE_UNAVAILABLE, asyncpg.PostgresError):
+            async with asyncio.timeout(READINESS_TIMEOUT_SECONDS), pool.acquire() as conn:
+                backlog = await conn.fetchrow(OUTBOX_BACKLOG)
+            registry.outbox_pending.set(backlog["pending"])
+            registry.outbox_oldest_age.set(backlog["oldest_age"])
+    return web.Response(body=registry.render(), content_type="text/plain", charset="utf-8")
 
 
 async def openapi_document(request: web.Request) -> web.Response:

@@ -17,6 +17,7 @@ import asyncpg
 from service.backoff import Backoff, sleep_unless
 from service.broker import BROKER_UNAVAILABLE, Broker
 from service.errors import DATABASE_UNAVAILABLE
+from service.metrics import Metrics
 from service.settings import EventSettings
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,28 @@ def build_message(row: asyncpg.Record) -> aio_pika.Message:
     )
 
 
+def _record(metrics: Metrics, rows: list[asyncpg.Record], confirmed: int, seconds: float) -> None:
+    """Count a batch: the first `confirmed` rows were confirmed, the rest failed."""
+    metrics.publish_confirm_seconds.observe(seconds)
+    for index, row in enumerate(rows):
+        outcome = "confirmed" if index < confirmed else "failed"
+        metrics.events_published.labels(row["event_type"], outcome).inc()
+
+
 class Relay:
     """Drains the outbox to the broker while it holds the relay lock; stands by otherwise."""
 
-    def __init__(self, database_url: str, broker: Broker, settings: EventSettings) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        broker: Broker,
+        settings: EventSettings,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._database_url = database_url
         self._broker = broker
         self._settings = settings
+        self._metrics = metrics
         self._stopping = asyncio.Event()
         self.is_leader = False
         self.published = 0
@@ -148,6 +164,7 @@ class Relay:
         Only the confirmed prefix is marked: if an event fails, it and every later one are
         published again next time, so per conversation nothing is ever overtaken for good.
         """
+        started = time.perf_counter()
         results = await asyncio.gather(
             *(
                 self._broker.publish(
@@ -164,6 +181,8 @@ class Relay:
                 failure = result
                 break
             confirmed.append(row["id"])
+        if self._metrics is not None:
+            _record(self._metrics, rows, len(confirmed), time.perf_counter() - started)
         if confirmed:
             await self.mark_published(conn, confirmed)
             self.published += len(confirmed)

@@ -51,6 +51,9 @@ class Settings:
     error_docs_url: str
     log_level: str
     log_format: str
+    shutdown_timeout_seconds: float
+    relay_http_port: int
+    metrics_token: str | None
     auth: AuthSettings
     events: EventSettings
 
@@ -142,6 +145,11 @@ def load_settings() -> Settings:
             "LOG_LEVEL", "INFO", validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])
         ),
         log_format=env.str("LOG_FORMAT", "json", validate=validate.OneOf(["json", "console"])),
+        shutdown_timeout_seconds=env.float(
+            "SHUTDOWN_TIMEOUT_SECONDS", 20.0, validate=validate.Range(0, 600)
+        ),
+        relay_http_port=env.int("RELAY_HTTP_PORT", 9090, validate=validate.Range(1, 65535)),
+        metrics_token=env.str("METRICS_TOKEN", None) or None,
         auth=_auth_settings(env),
         events=EventSettings(
             amqp_url=env.str("AMQP_URL", validate=validate.Regexp(r"^amqps?://")),

@@ -2,11 +2,13 @@
 cloned into a fresh database per test, the app under pytest-aiohttp, and token helpers."""
 
 import asyncio
+import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+import aio_pika
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
@@ -15,6 +17,7 @@ from service.app import create_app
 from service.auth import mint_token
 from service.migrations import migrate
 from service.settings import AuthSettings, EventSettings, Settings
+from tests.events_support import Subscriber, amqp_url
 
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnop"
 ALL_SCOPES = ["conversations:read", "conversations:write"]
@@ -101,6 +104,9 @@ def settings(db_url: str, auth_settings: AuthSettings) -> Settings:
         error_docs_url="https://docs.example.test/errors",
         log_level="INFO",
         log_format="console",
+        shutdown_timeout_seconds=5,
+        relay_http_port=0,
+        metrics_token=None,
         auth=auth_settings,
         events=EventSettings(
             amqp_url=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/"),
@@ -150,3 +156,36 @@ def account() -> str:
 def headers(make_token: Callable[..., str], account: str) -> dict[str, str]:
     """Authorization for `account` with read and write scopes."""
     return {"Authorization": f"Bearer {make_token(account)}"}
+
+
+# --- RabbitMQ ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def exchange() -> AsyncIterator[str]:
+    """An exchange of this test's own; removed, with its unrouted queue, afterwards."""
+    name = f"conversations_test_{uuid.uuid4().hex[:10]}"
+    yield name
+    connection = await aio_pika.connect_robust(amqp_url())
+    async with connection:
+        channel = await connection.channel()
+        await channel.exchange_delete(name)
+        await channel.exchange_delete(f"{name}.unrouted")
+        await channel.queue_delete(f"{name}.unrouted")
+
+
+@pytest.fixture
+async def subscriber(exchange: str) -> AsyncIterator[Subscriber]:
+    sub = Subscriber()
+    await sub.start(exchange)
+    yield sub
+    await sub.connection.close()
+
+
+@pytest.fixture
+def event_settings(settings, exchange):
+    """The test settings with the relay on, publishing to the test's exchange."""
+    events = dataclasses.replace(
+        settings.events, amqp_url=amqp_url(), exchange=exchange, relay_enabled=True
+    )
+    return dataclasses.replace(settings, events=events)

@@ -20,81 +20,13 @@ import pytest
 
 from schemas.event import EventSchema
 from service.app import create_app
-from service.broker import Broker, declare_topology
+from service.broker import Broker
 from service.relay import Relay
 from service.tail import tail
+from tests.events_support import amqp_url
 from tests.proxy import TcpProxy
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-def amqp_url() -> str:
-    url = os.environ.get("AMQP_URL")
-    if not url:
-        pytest.exit("AMQP_URL is not set: run the tests with `make test`", returncode=2)
-    return url
-
-
-class Subscriber:
-    """An exclusive queue bound to the test's exchange, collecting every message."""
-
-    def __init__(self) -> None:
-        self.messages: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
-
-    async def start(self, exchange: str) -> None:
-        self.connection = await aio_pika.connect_robust(amqp_url())
-        channel = await self.connection.channel()
-        topic = await declare_topology(channel, exchange)
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(topic, routing_key="#")
-
-        async def collect(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            await message.ack()
-            await self.messages.put(message)
-
-        await queue.consume(collect)
-
-    async def receive(self, count: int, timeout: float = 20.0) -> list:
-        """Exactly `count` messages (fails on a timeout)."""
-        got = []
-        async with asyncio.timeout(timeout):
-            while len(got) < count:
-                got.append(await self.messages.get())
-        return got
-
-    async def nothing_more(self, wait: float = 0.5) -> None:
-        await asyncio.sleep(wait)
-        assert self.messages.empty(), "an unexpected extra message arrived"
-
-
-@pytest.fixture
-async def exchange() -> AsyncIterator[str]:
-    """An exchange of this test's own; removed, with its unrouted queue, afterwards."""
-    name = f"conversations_test_{uuid.uuid4().hex[:10]}"
-    yield name
-    connection = await aio_pika.connect_robust(amqp_url())
-    async with connection:
-        channel = await connection.channel()
-        await channel.exchange_delete(name)
-        await channel.exchange_delete(f"{name}.unrouted")
-        await channel.queue_delete(f"{name}.unrouted")
-
-
-@pytest.fixture
-async def subscriber(exchange: str) -> AsyncIterator[Subscriber]:
-    sub = Subscriber()
-    await sub.start(exchange)
-    yield sub
-    await sub.connection.close()
-
-
-@pytest.fixture
-def event_settings(settings, exchange):
-    """The test settings with the relay on, publishing to the test's exchange."""
-    events = dataclasses.replace(
-        settings.events, amqp_url=amqp_url(), exchange=exchange, relay_enabled=True
-    )
-    return dataclasses.replace(settings, events=events)
 
 
 @pytest.fixture

@@ -1,0 +1,267 @@
+"""Operations: metrics, structured logs, readiness during shutdown, and SIGTERM under load."""
+
+import asyncio
+import dataclasses
+import io
+import logging
+import os
+import signal
+import sys
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.auth import mint_token
+from service.broker import Broker
+from service.logs import AccessLogger, JsonFormatter
+from service.relay import Relay
+from tests.events_support import amqp_url
+from tests.proxy import free_port
+
+
+def samples(text: str, name: str) -> list:
+    return [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+async def test_request_durations_are_labelled_by_route_template_and_status(client, headers):
+    created = await (
+        await client.post("/v1/conversations", json={"contact_id": "c1"}, headers=headers)
+    ).json()
+    await client.get(f"/v1/conversations/{created['id']}", headers=headers)
+    await client.get("/v1/conversations/0000000000000000", headers=headers)
+    await client.get("/no/such/path")
+    text = await (await client.get("/metrics")).text()
+    counts = {
+        (s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+        for s in samples(text, "http_server_request_duration_seconds_count")
+    }
+    assert counts[("POST", "/v1/conversations", "201")] == 1
+    assert counts[("GET", "/v1/conversations/{id}", "200")] == 1
+    assert counts[("GET", "/v1/conversations/{id}", "404")] == 1
+    assert counts[("GET", "unmatched", "404")] == 1
+    assert created["id"] not in text  # never a raw path or an id in a label
+
+
+async def test_pool_gauges(client):
+    text = await (await client.get("/metrics")).text()
+    assert samples(text, "db_pool_connections_max")[0].value == 10
+    assert samples(text, "db_pool_connections")[0].value >= 1
+    assert samples(text, "db_pool_connections_in_use")[0].value >= 0
+
+
+async def test_metrics_can_require_a_token(settings, aiohttp_client):
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, metrics_token="m" * 40)))
+    assert (await client.get("/metrics")).status == 401
+    resp = await client.get("/metrics", headers={"Authorization": "Bearer " + "m" * 40})
+    assert resp.status == 200
+
+
+async def test_relay_metrics_count_events_and_report_the_backlog(
+    event_settings, aiohttp_client, headers, subscriber
+):
+    client = await aiohttp_client(create_app(event_settings))
+    for n in range(3):
+        await client.post("/v1/conversations", json={"contact_id": f"c{n}"}, headers=headers)
+    await subscriber.receive(3)
+    async with asyncio.timeout(20):
+        while True:
+            text = await (await client.get("/metrics")).text()
+            published = samples(text, "conversations_events_published_total")
+            pending = samples(text, "conversations_outbox_pending_events")[0].value
+            if sum(s.value for s in published) == 3 and pending == 0:  # confirmed, then marked
+                break
+            await asyncio.sleep(0.05)
+    assert {(s.labels["type"], s.labels["outcome"]): s.value for s in published} == {
+        ("conversation.created", "confirmed"): 3
+    }
+    assert samples(text, "conversations_relay_leader")[0].value == 1
+    assert samples(text, "conversations_broker_connected")[0].value == 1
+    assert samples(text, "conversations_outbox_oldest_pending_age_seconds")[0].value == 0
+    assert samples(text, "conversations_event_publish_confirm_seconds_count")[0].value >= 1
+
+
+async def test_the_relay_role_serves_only_probes_and_metrics(
+    event_settings, aiohttp_client, headers
+):
+    client = await aiohttp_client(create_app(event_settings, role="relay"))
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/metrics")).status == 200
+    assert (await client.get("/v1/conversations", headers=headers)).status == 404
+    async with asyncio.timeout(20):
+        while (await (await client.get("/readyz")).json())["checks"]["relay"] != "active":
+            await asyncio.sleep(0.05)
+
+
+# --- logs ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def json_logs():
+    """Every log record of the test, formatted as the service formats them in production."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+
+
+async def test_logs_are_json_lines_with_the_access_fields_and_no_token(
+    settings, aiohttp_client, make_token, json_logs
+):
+    token = make_token("acct_logs")
+    server = TestServer(create_app(settings))
+    await server.start_server(access_log_class=AccessLogger)  # as `conversations serve` runs
+    client = await aiohttp_client(server)
+    resp = await client.post(
+        "/v1/conversations",
+        json={"contact_id": "c1"},
+        headers={"Authorization": f"Bearer {token}", "X-Request-ID": "req-123"},
+    )
+    assert resp.status == 201
+    await client.get("/v1/conversations", headers={"Authorization": "Bearer not-a-token"})
+    lines = [orjson.loads(line) for line in json_logs.getvalue().splitlines()]
+    access = [line for line in lines if line["logger"] == "aiohttp.access"]
+    assert access, lines
+    post = next(line for line in access if line["method"] == "POST")
+    assert post["request_id"] == "req-123"
+    assert post["route"] == "/v1/conversations"
+    assert post["status"] == 201
+    assert post["duration"] > 0
+    assert {"timestamp", "level", "message", "logger"} <= set(post)
+    text = json_logs.getvalue()
+    assert token not in text
+    assert "not-a-token" not in text
+    assert "c1" not in text  # no body
+
+
+async def test_no_database_password_in_logs_when_the_database_is_down(
+    settings, aiohttp_client, headers, json_logs
+):
+    password = "Sup3r-S3cret-pw"
+    url = f"postgresql://conversations:{password}@127.0.0.1:{free_port()}/nowhere"
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, database_url=url)))
+    assert (await client.get("/v1/conversations", headers=headers)).status == 503
+    assert (await client.get("/readyz")).status == 503
+    text = json_logs.getvalue()
+    assert "database unavailable" in text or "unreachable" in text
+    assert password not in text
+
+
+# --- shutdown -----------------------------------------------------------------------------------
+
+
+async def test_readiness_fails_from_the_first_moment_of_shutdown(client):
+    assert (await client.get("/readyz")).status == 200
+    await client.app.on_shutdown.send(client.app)
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["type"] == "api_error"
+    assert (await client.get("/healthz")).status == 200  # alive, just not taking new traffic
+
+
+async def test_sigterm_under_load_fails_no_accepted_request_and_loses_no_event(
+    event_settings, db_url, subscriber, db
+):
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "AMQP_URL": amqp_url(),
+        "EVENTS_EXCHANGE": event_settings.events.exchange,
+        "JWT_HS256_SECRETS": event_settings.auth.hs256_secrets[0],
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "RELAY_ENABLED": "true",
+        "SHUTDOWN_TIMEOUT_SECONDS": "10",
+        "LOG_FORMAT": "json",
+    }
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "serve", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    token = mint_token(event_settings.auth, "acct_sigterm", ["conversations:write"], 600)
+    base = f"http://127.0.0.1:{port}"
+    ok: list[str] = []
+    unanswered: list[str] = []
+    failures: list[str] = []
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            async with asyncio.timeout(30):
+                while True:
+                    try:
+                        if (await http.get(f"{base}/readyz")).status == 200:
+                            break
+                    except aiohttp.ClientConnectionError:
+                        pass
+                    await asyncio.sleep(0.1)
+
+            async def worker(number: int) -> None:
+                for n in range(2000):  # bounded; ends much earlier, when the server is gone
+                    contact = f"w{number}-{n}"
+                    try:
+                        async with http.post(
+                            f"{base}/v1/conversations",
+                            json={"contact_id": contact},
+                            headers={"Authorization": f"Bearer {token}"},
+                        ) as resp:
+                            if resp.status == 201:
+                                ok.append(contact)
+                            else:
+                                failures.append(f"{contact}: {resp.status} {await resp.text()}")
+                    except aiohttp.ClientError:
+                        # Refused (the listener is closed) or reset before any answer: not
+                        # accepted, which the database check below holds it to.
+                        unanswered.append(contact)
+                        return
+
+            workers = [asyncio.create_task(worker(n)) for n in range(8)]
+            await asyncio.sleep(1.5)
+            server.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(asyncio.gather(*workers), 30)
+        _, stderr = await asyncio.wait_for(server.communicate(), 30)
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+    assert server.returncode == 0, stderr.decode()[-3000:]
+    assert not failures, failures[:5]
+    assert len(ok) > 20  # there was real load when SIGTERM came
+
+    # Every answered write is stored, and nothing unanswered was: no accepted request failed.
+    stored = {r["contact_id"] for r in await db.fetch("SELECT contact_id FROM conversations")}
+    assert stored == set(ok)
+
+    # Every committed change has its event; what the relay had not confirmed is still pending,
+    # and a relay started now delivers it: nothing lost.
+    assert await db.fetchval("SELECT count(*) FROM outbox") == len(ok)
+    broker = Broker(amqp_url(), event_settings.events.exchange)
+    await broker.connect(asyncio.Event())
+    relay = Relay(db_url, broker, event_settings.events)
+    task = asyncio.create_task(relay.run())
+    outbox_ids = {r["event_id"] for r in await db.fetch("SELECT event_id FROM outbox")}
+    received: set[str] = set()
+    try:
+        while received != outbox_ids:  # duplicates are allowed (at least once), gaps are not
+            [message] = await subscriber.receive(1, timeout=60)
+            received.add(message.message_id)
+            assert message.message_id in outbox_ids
+    finally:
+        relay.stop()
+        await task
+        await broker.close()
