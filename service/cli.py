@@ -4,27 +4,70 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import sys
 from typing import Literal
 
 import asyncpg
 
 from service.logs import configure_logging
-from service.settings import ConfigError, load_auth_settings, load_settings
+from service.settings import ConfigError, Settings, load_auth_settings, load_settings
 
 DEV_SCOPES = ["conversations:read", "conversations:write"]
 
 
 def _run(role: Literal["api", "relay"]) -> int:
     """Serve the app of `role` until SIGTERM/SIGINT, then shut down gracefully (exit 0)."""
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    if role == "api" and settings.workers > 1:
+        return _run_workers(settings)
+    return _run_one(settings, role)
+
+
+def _run_workers(settings: Settings) -> int:
+    """WORKERS processes sharing the port (SO_REUSEPORT): one event loop per core.
+
+    The parent only forwards SIGTERM/SIGINT and waits; if a worker dies, the others are
+    stopped too and its exit code is returned, so the supervisor (systemd, Kubernetes) restarts
+    the whole set.
+    """
+    children = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: signals back to their defaults, then serve
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os._exit(_run_one(settings, "api", reuse_port=True))
+        children.append(pid)
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    remaining = set(children)
+    while remaining:
+        pid, wait_status = os.wait()
+        remaining.discard(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if code != 0 and status == 0:
+            status = code if code > 0 else 1
+            forward(signal.SIGTERM, None)
+    return status
+
+
+def _run_one(settings: Settings, role: Literal["api", "relay"], *, reuse_port: bool = False) -> int:
     import uvloop
     from aiohttp import web
 
     from service.app import create_app
     from service.logs import AccessLogger
 
-    settings = load_settings()
-    configure_logging(settings.log_level, settings.log_format)
     web.run_app(
         create_app(settings, role=role),
         host=settings.host,
@@ -34,6 +77,7 @@ def _run(role: Literal["api", "relay"]) -> int:
         access_log_class=AccessLogger,
         print=lambda message: logging.getLogger("service").info(message.strip()),
         loop=uvloop.new_event_loop(),
+        reuse_port=reuse_port or None,
     )
     return 0
 

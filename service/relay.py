@@ -125,7 +125,6 @@ class Relay:
             if await sleep_unless(self._stopping, STANDBY_RETRY_SECONDS):
                 return
         self.is_leader = True
-        backoff.reset()
         log.info("relay is the active one")
         wake = asyncio.Event()
         await conn.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
@@ -141,6 +140,7 @@ class Relay:
             except BROKER_UNAVAILABLE as error:
                 await self._pause(broker_backoff.next_delay(), "publishing failed", error)
                 continue
+            backoff.reset()  # only a drain that worked proves the database side is healthy
             broker_backoff.reset()
             if time.monotonic() - last_cleanup >= CLEANUP_INTERVAL_SECONDS:
                 await self.remove_published(conn)

@@ -52,6 +52,7 @@ class Settings:
     log_level: str
     log_format: str
     shutdown_timeout_seconds: float
+    workers: int
     relay_http_port: int
     metrics_token: str | None
     auth: AuthSettings
@@ -148,6 +149,7 @@ def load_settings() -> Settings:
         shutdown_timeout_seconds=env.float(
             "SHUTDOWN_TIMEOUT_SECONDS", 20.0, validate=validate.Range(0, 600)
         ),
+        workers=env.int("WORKERS", 1, validate=validate.Range(1, 64)),
         relay_http_port=env.int("RELAY_HTTP_PORT", 9090, validate=validate.Range(1, 65535)),
         metrics_token=env.str("METRICS_TOKEN", None) or None,
         auth=_auth_settings(env),

@@ -105,6 +105,7 @@ def settings(db_url: str, auth_settings: AuthSettings) -> Settings:
         log_level="INFO",
         log_format="console",
         shutdown_timeout_seconds=5,
+        workers=1,
         relay_http_port=0,
         metrics_token=None,
         auth=auth_settings,
