@@ -36,6 +36,19 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
+class PooledConnection(asyncpg.Connection):
+    """A pool connection released without asyncpg's reset query (one round trip saved per request).
+
+    The reset undoes session state: SET, LISTEN, advisory locks, cursors. Code on pool
+    connections creates none of these: the repository runs plain statements in transactions,
+    and the relay and the migrations LISTEN and lock on connections of their own. asyncpg still
+    rolls back a transaction left open. tests/test_pool.py checks that requests leave no state.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def database_pool(app: web.Application) -> AsyncIterator[None]:
     """The asyncpg pool, open for the application's lifetime.
 
@@ -47,6 +60,7 @@ async def database_pool(app: web.Application) -> AsyncIterator[None]:
     def create_pool(min_size: int) -> asyncpg.Pool:
         return asyncpg.create_pool(
             settings.database_url,
+            connection_class=PooledConnection,
             min_size=min_size,
             max_size=settings.db_pool_max,
             # Bound every statement: a stuck query must not hold a request (and a connection).

@@ -9,6 +9,9 @@ from service.settings import AuthSettings, ConfigError, parse_public_key
 
 READ_SCOPE = "conversations:read"
 WRITE_SCOPE = "conversations:write"
+# Verified tokens remembered per process; bounded so that a flood of distinct tokens cannot
+# grow memory (about 1 KiB each).
+TOKEN_CACHE_SIZE = 10_000
 # Account ids come from another service; bound them so they cannot bloat rows or logs.
 MAX_ACCOUNT_ID_LENGTH = 128
 
@@ -41,9 +44,27 @@ class TokenVerifier:
             algorithm, key = parse_public_key(pem)
             self._keys.setdefault(algorithm, []).append(key)
         self._options = {"require": ["exp", "sub"], "verify_aud": settings.audience is not None}
+        self._cache: dict[str, tuple[Principal, float]] = {}
 
     def verify(self, token: str) -> Principal:
-        """The principal a valid token names; InvalidToken otherwise."""
+        """The principal a valid token names; InvalidToken otherwise.
+
+        A verified token is remembered until it expires: callers reuse a token for many
+        requests, and checking a signature costs more than the rest of a cached read.
+        """
+        cached = self._cache.get(token)
+        if cached is not None:
+            principal, expires = cached
+            if time.time() < expires:
+                return principal
+            del self._cache[token]
+        principal, expires = self._verify(token)
+        if len(self._cache) >= TOKEN_CACHE_SIZE:
+            self._cache.pop(next(iter(self._cache)))  # the oldest entry: insertion order
+        self._cache[token] = (principal, expires)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             algorithm = jwt.get_unverified_header(token).get("alg")
         except jwt.InvalidTokenError:
@@ -62,7 +83,9 @@ class TokenVerifier:
         scope = claims.get("scope", "")
         if not isinstance(scope, str):
             raise InvalidToken("The bearer token's scope claim is not a string.")
-        return Principal(account_id=subject, scopes=frozenset(scope.split()))
+        # As PyJWT counts: the whole seconds of exp, plus the leeway.
+        expires = int(claims["exp"]) + self._settings.leeway_seconds  # type: ignore[call-overload]
+        return Principal(account_id=subject, scopes=frozenset(scope.split())), expires
 
     def _decode(self, token: str, algorithm: str, keys: list[object]) -> dict[str, object]:
         for key in keys:

@@ -526,3 +526,45 @@ async def test_no_token_appears_in_bodies_headers_or_logs(client, make_token, ac
             assert all(secret not in value for value in resp.headers.values())
     for secret in (good, bad, reader):
         assert secret not in caplog.text
+
+
+# --- the verified-token cache -------------------------------------------------------------------
+
+
+def test_a_verified_token_is_not_verified_again_until_it_expires(auth_settings, monkeypatch):
+    verifier = TokenVerifier(auth_settings)  # leeway 0 in the test settings
+    expires = int(time.time()) + 2
+    claims = {"sub": "acct_c", "scope": READ_SCOPE, "exp": expires}
+    token = jwt.encode(claims, TEST_SECRET, algorithm="HS256")
+    calls = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    assert verifier.verify(token) == verifier.verify(token)
+    assert len(calls) == 1
+    # Past its exp the cached entry is dropped and the token is checked (and refused) again.
+    time.sleep(expires - time.time() + 0.05)
+    with pytest.raises(InvalidToken, match="expired"):
+        verifier.verify(token)
+    assert len(calls) == 2
+
+
+def test_a_tampered_token_is_never_served_from_the_cache(auth_settings):
+    verifier = TokenVerifier(auth_settings)
+    token = mint_token(auth_settings, "acct_c", [READ_SCOPE], 60)
+    verifier.verify(token)
+    header, payload, signature = token.split(".")
+    forged = ".".join(
+        [header, payload, signature[:-2] + ("AA" if signature[-2:] != "AA" else "BB")]
+    )
+    with pytest.raises(InvalidToken):
+        verifier.verify(forged)
+
+
+def test_the_cache_is_bounded(auth_settings, monkeypatch):
+    monkeypatch.setattr("service.auth.TOKEN_CACHE_SIZE", 5)
+    verifier = TokenVerifier(auth_settings)
+    tokens = [mint_token(auth_settings, f"acct_{n}", [READ_SCOPE], 60) for n in range(12)]
+    for token in tokens:
+        verifier.verify(token)
+    assert len(verifier._cache) == 5
+    assert set(verifier._cache) == set(tokens[-5:])
