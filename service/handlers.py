@@ -1,6 +1,8 @@
 """HTTP handlers for /v1/conversations: HTTP and schemas only; the work is in `conversations`."""
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -108,12 +110,10 @@ async def create_conversation(request: web.Request) -> web.Response:
 
 async def retrieve_conversation(request: web.Request) -> web.Response:
     """GET /v1/conversations/{id}."""
-    try:
+    with _domain_errors():
         conversation = await conversations.get(
             request.app[DB_POOL], request[PRINCIPAL].account_id, _path_id(request)
         )
-    except ConversationNotFound:
-        raise not_found() from None
     return _conversation_response(conversation)
 
 
@@ -121,7 +121,7 @@ async def update_conversation(request: web.Request) -> web.Response:
     """PUT or PATCH /v1/conversations/{id}: a partial update."""
     conversation_id = _path_id(request)
     changes = await read_body(request, _update_schema)
-    try:
+    with _domain_errors():
         conversation = await conversations.update(
             request.app[DB_POOL],
             request[PRINCIPAL].account_id,
@@ -130,17 +130,13 @@ async def update_conversation(request: web.Request) -> web.Response:
             _if_match(request),
             _traceparent(request),
         )
-    except ConversationNotFound:
-        raise not_found() from None
-    except VersionMismatch:
-        raise _precondition_failed() from None
     return _conversation_response(conversation)
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
     """DELETE /v1/conversations/{id}: permanent."""
     conversation_id = _path_id(request)
-    try:
+    with _domain_errors():
         await conversations.delete(
             request.app[DB_POOL],
             request[PRINCIPAL].account_id,
@@ -148,16 +144,19 @@ async def delete_conversation(request: web.Request) -> web.Response:
             _if_match(request),
             _traceparent(request),
         )
-    except ConversationNotFound:
-        raise not_found() from None
-    except VersionMismatch:
-        raise _precondition_failed() from None
     return json_response({"id": conversation_id, "deleted": True})
 
 
-def _precondition_failed() -> ApiError:
-    return ApiError(
-        412,
-        "The conversation has changed since the version in If-Match; fetch it and retry.",
-        param="If-Match",
-    )
+@contextlib.contextmanager
+def _domain_errors() -> Iterator[None]:
+    """The domain's refusals as HTTP answers: missing is 404, a stale If-Match is 412."""
+    try:
+        yield
+    except ConversationNotFound:
+        raise not_found() from None
+    except VersionMismatch:
+        raise ApiError(
+            412,
+            "The conversation has changed since the version in If-Match; fetch it and retry.",
+            param="If-Match",
+        ) from None
