@@ -79,7 +79,7 @@ env: $(JWT_SECRET)
 	@printf 'export JWT_HS256_SECRETS=%q\n' "$${JWT_HS256_SECRETS:-$$(cat $(JWT_SECRET))}"
 
 migrate: venv services-up $(JWT_SECRET)
-	@$(WITH_ENV) $(VENV)/bin/conversations migrate
+	@$(WITH_ENV) LOG_FORMAT=$${LOG_FORMAT:-console} $(VENV)/bin/conversations migrate
 
 run: venv services-up migrate
 	@$(WITH_ENV) \

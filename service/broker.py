@@ -61,6 +61,7 @@ class Broker:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self.first_connected = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -99,6 +100,7 @@ class Broker:
                 await connection.close()
                 raise
             self._connection, self._channel = connection, channel  # type: ignore[assignment]
+            self.first_connected.set()
             log.info("connected to RabbitMQ; exchange %r declared", self._exchange_name)
             return
 

@@ -71,6 +71,16 @@ def build_message(row: asyncpg.Record) -> aio_pika.Message:
     )
 
 
+async def _first(*events: asyncio.Event, within: float | None = None) -> None:
+    """Until any of `events` is set (or `within` seconds pass)."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 def _record(metrics: Metrics, rows: list[asyncpg.Record], confirmed: int, seconds: float) -> None:
     """Count a batch: the first `confirmed` rows were confirmed, the rest failed."""
     metrics.publish_confirm_seconds.observe(seconds)
@@ -103,6 +113,7 @@ class Relay:
 
     async def run(self) -> None:
         """Relay until `stop()`: connect, become the active relay or stand by, drain, repeat."""
+        await _first(self._broker.first_connected, self._stopping)  # nothing to do before it
         backoff = Backoff()
         while not self._stopping.is_set():
             try:
@@ -209,12 +220,7 @@ class Relay:
 
     async def _wait(self, wake: asyncio.Event, seconds: float) -> None:
         """Until a NOTIFY, the poll interval, or stop."""
-        waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(self._stopping.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await _first(wake, self._stopping, within=seconds)
 
     async def _pause(self, seconds: float, what: str, error: BaseException | None) -> None:
         reason = f" ({type(error).__name__})" if error is not None else ""
