@@ -31,10 +31,12 @@ PUBLISH_CONFIRM_TIMEOUT_SECONDS = 10.0
 CLEANUP_INTERVAL_SECONDS = 60.0
 CLEANUP_BATCH = 1000
 
+# Always from the oldest pending row, skipping only the batch in flight: a row that commits late
+# with a lower id is still published before any later event of its conversation.
 SELECT_PENDING = """
 SELECT id, event_id, event_type, account_id, conversation_id, payload, traceparent, created_at
 FROM outbox
-WHERE published_at IS NULL
+WHERE published_at IS NULL AND NOT (id = ANY($2::bigint[]))
 ORDER BY id
 LIMIT $1
 """
@@ -159,21 +161,45 @@ class Relay:
             await self._wait(wake, self._settings.relay_poll_interval_seconds)
 
     async def _drain(self, conn: asyncpg.Connection) -> None:
-        """Publish batches until the outbox is empty (or we are stopping)."""
-        batch_size = self._settings.relay_batch_size
-        while True:
-            rows = await conn.fetch(SELECT_PENDING, batch_size)
-            if rows:
-                await self.publish_batch(conn, rows)
-            if len(rows) < batch_size or self._stopping.is_set():
-                return
+        """Publish batches until the outbox is empty (or we are stopping).
 
-    async def publish_batch(self, conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
-        """Publish `rows` in order, then mark the confirmed ones published.
+        While the broker confirms a batch, the database work around it runs on `conn`: the
+        previous batch is marked and the next one read (all pending rows but the batch in
+        flight). A batch goes out only once the one before it is confirmed, so the broker
+        receives events in outbox order.
+        """
+        batch_size = self._settings.relay_batch_size
+        rows = await conn.fetch(SELECT_PENDING, batch_size, [])
+        unmarked: list[int] = []
+        while rows:
+            publishing = asyncio.ensure_future(self.publish_batch(rows))
+            try:
+                if unmarked:
+                    await self.mark_published(conn, unmarked)
+                    unmarked = []
+                more = len(rows) == batch_size and not self._stopping.is_set()
+                in_flight = [row["id"] for row in rows]
+                next_rows = await conn.fetch(SELECT_PENDING, batch_size, in_flight) if more else []
+            except BaseException:
+                await asyncio.gather(publishing, return_exceptions=True)  # let it settle
+                raise
+            unmarked, failure = await publishing
+            if failure is not None:
+                if unmarked:
+                    await self.mark_published(conn, unmarked)
+                raise failure
+            rows = next_rows
+        if unmarked:
+            await self.mark_published(conn, unmarked)
+
+    async def publish_batch(
+        self, rows: list[asyncpg.Record]
+    ) -> tuple[list[int], BaseException | None]:
+        """Publish `rows` in order; return the ids of the confirmed prefix and the first failure.
 
         The publishes are pipelined on one channel, so the broker receives them in row order.
-        Only the confirmed prefix is marked: if an event fails, it and every later one are
-        published again next time, so per conversation nothing is ever overtaken for good.
+        Only the confirmed prefix counts: if an event fails, it and every later one stay pending
+        and are published again, so per conversation nothing is ever overtaken for good.
         """
         started = time.perf_counter()
         results = await asyncio.gather(
@@ -194,15 +220,12 @@ class Relay:
             confirmed.append(row["id"])
         if self._metrics is not None:
             _record(self._metrics, rows, len(confirmed), time.perf_counter() - started)
-        if confirmed:
-            await self.mark_published(conn, confirmed)
-            self.published += len(confirmed)
-        if failure is not None:
-            raise failure
+        return confirmed, failure
 
     async def mark_published(self, conn: asyncpg.Connection, ids: list[int]) -> None:
         """Stamp rows as published: the broker has confirmed them."""
         await conn.execute(MARK_PUBLISHED, ids)
+        self.published += len(ids)
 
     async def remove_published(self, conn: asyncpg.Connection) -> int:
         """Delete rows published longer ago than the retention, in bounded batches."""
