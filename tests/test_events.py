@@ -21,7 +21,7 @@ import pytest
 from schemas.event import EventSchema
 from service.app import create_app
 from service.broker import Broker
-from service.relay import Relay
+from service.relay import SELECT_PENDING, Relay
 from service.tail import tail
 from tests.events_support import amqp_url
 from tests.proxy import TcpProxy
@@ -398,3 +398,20 @@ async def test_the_relay_command_publishes_and_stops_cleanly_on_sigterm(
         _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, stderr.decode()[-2000:]
     assert b"relay is the active one" in stderr
+
+
+async def test_the_next_batch_starts_at_the_oldest_pending_row_not_after_the_last_one(db):
+    # A row that commits late with a lower id (here 1) must come before any later row, or a
+    # later event of its conversation could overtake it; only the batch in flight is skipped.
+    await db.execute(
+        """
+        INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload)
+        SELECT 'evt_' || lpad(n::text, 16, '0'), 'conversation.updated', 'a', 'c' || n, 1, '{}'
+        FROM generate_series(1, 6) AS n
+        """
+    )
+    await db.execute("UPDATE outbox SET published_at = now() WHERE id = 4")
+    rows = await db.fetch(SELECT_PENDING, 10, [2, 3])
+    assert [row["id"] for row in rows] == [1, 5, 6]
+    rows = await db.fetch(SELECT_PENDING, 2, [])
+    assert [row["id"] for row in rows] == [1, 2]
