@@ -1,6 +1,9 @@
-"""Domain operations on conversations. Each write is one transaction: the row and its event."""
+"""Domain operations on conversations. Each write changes the row and records its event in one
+statement (so one transaction), and only if the row is still as it was read."""
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +18,8 @@ IfMatch = frozenset[str] | None
 
 # Inserting can meet a conflict whose row is deleted before we read it; then we simply try again.
 _CREATE_ATTEMPTS = 3
+# Optimistic writes that lose the race to a concurrent change read again; the last try locks.
+_WRITE_ATTEMPTS = 5
 
 
 class ConversationNotFound(Exception):
@@ -46,25 +51,28 @@ async def create(
     Returns the conversation and whether it was created. Race-safe: concurrent creates for one
     contact meet the unique index, and all but one find the winner's row.
     """
-    for _ in range(_CREATE_ATTEMPTS):
-        now_ms = time.time_ns() // 1_000_000
-        resource = {
-            "id": new_id(now_ms),
-            "contact_id": fields.get("contact_id"),
-            "group_id": fields.get("group_id"),
-            "pinned_message_id": fields.get("pinned_message_id"),
-            "is_pinned": fields.get("is_pinned", False),
-            "is_muted": fields.get("is_muted", False),
-            "last_active_at": fields.get("last_active_at"),
-            "last_opened_at": fields.get("last_opened_at"),
-            "created_at": now_ms // 1000,
-            "archived_at": None,
-        }
-        async with pool.acquire() as conn, conn.transaction():
-            created = await repository.insert(conn, account_id, resource)
+    async with pool.acquire() as conn:
+        for _ in range(_CREATE_ATTEMPTS):
+            now_ms = time.time_ns() // 1_000_000
+            resource = {
+                "id": new_id(now_ms),
+                "contact_id": fields.get("contact_id"),
+                "group_id": fields.get("group_id"),
+                "pinned_message_id": fields.get("pinned_message_id"),
+                "is_pinned": fields.get("is_pinned", False),
+                "is_muted": fields.get("is_muted", False),
+                "last_active_at": fields.get("last_active_at"),
+                "last_opened_at": fields.get("last_opened_at"),
+                "created_at": now_ms // 1000,
+                "archived_at": None,
+            }
+            event = outbox.build_event(
+                outbox.CREATED, account_id, StoredConversation(resource, 1), 1
+            )
+            created = await repository.insert(
+                conn, account_id, resource, outbox.event_row(event, traceparent)
+            )
             if created is not None:
-                event = outbox.build_event(outbox.CREATED, account_id, created, created.version)
-                await outbox.record(conn, event, traceparent)
                 return created, True
             existing = await repository.find_by_participant(
                 conn, account_id, resource["contact_id"], resource["group_id"]
@@ -104,6 +112,21 @@ async def list_page(
     return Page(rows, has_more)
 
 
+@contextlib.asynccontextmanager
+async def _current(
+    conn: asyncpg.Connection, account_id: str, conversation_id: str, *, lock: bool
+) -> AsyncIterator[StoredConversation]:
+    """The conversation as it is now. Writes are optimistic (the row must still be at the
+    version read); only a write that lost that race too often reads it locked, in a transaction,
+    so that it cannot lose again."""
+    transaction = conn.transaction() if lock else contextlib.nullcontext()
+    async with transaction:
+        current = await repository.get(conn, account_id, conversation_id, for_update=lock)
+        if current is None:
+            raise ConversationNotFound
+        yield current
+
+
 async def update(
     pool: asyncpg.Pool,
     account_id: str,
@@ -114,24 +137,38 @@ async def update(
 ) -> StoredConversation:
     """Apply `changes` (writable fields only). A change that changes nothing keeps the version
     and records no event."""
-    async with pool.acquire() as conn, conn.transaction():
-        current = await repository.get(conn, account_id, conversation_id, for_update=True)
-        if current is None:
-            raise ConversationNotFound
-        _check_version(current, if_match)
-        previous = {
-            field: current.resource[field]
-            for field, value in changes.items()
-            if current.resource[field] != value
-        }
-        if not previous:
-            return current
-        updated = await repository.update(conn, account_id, {**current.resource, **changes})
-        archived = "archived_at" in previous and previous["archived_at"] is None
-        event_type = outbox.ARCHIVED if archived else outbox.UPDATED
-        event = outbox.build_event(event_type, account_id, updated, updated.version, previous)
-        await outbox.record(conn, event, traceparent)
-        return updated
+    async with pool.acquire() as conn:
+        for attempt in range(_WRITE_ATTEMPTS):
+            async with _current(
+                conn, account_id, conversation_id, lock=attempt == _WRITE_ATTEMPTS - 1
+            ) as current:
+                _check_version(current, if_match)
+                previous = {
+                    field: current.resource[field]
+                    for field, value in changes.items()
+                    if current.resource[field] != value
+                }
+                if not previous:
+                    return current
+                after = StoredConversation({**current.resource, **changes}, current.version + 1)
+                archived = "archived_at" in previous and previous["archived_at"] is None
+                event = outbox.build_event(
+                    outbox.ARCHIVED if archived else outbox.UPDATED,
+                    account_id,
+                    after,
+                    after.version,
+                    previous,
+                )
+                updated = await repository.update(
+                    conn,
+                    account_id,
+                    after.resource,
+                    current.version,
+                    outbox.event_row(event, traceparent),
+                )
+                if updated is not None:
+                    return updated
+    raise RuntimeError("a locked update cannot lose a race")
 
 
 async def delete(
@@ -142,11 +179,19 @@ async def delete(
     traceparent: str | None = None,
 ) -> None:
     """Delete permanently; the event carries the last state, one sequence past its version."""
-    async with pool.acquire() as conn, conn.transaction():
-        current = await repository.get(conn, account_id, conversation_id, for_update=True)
-        if current is None:
-            raise ConversationNotFound
-        _check_version(current, if_match)
-        await repository.delete(conn, account_id, conversation_id)
-        event = outbox.build_event(outbox.DELETED, account_id, current, current.version + 1)
-        await outbox.record(conn, event, traceparent)
+    async with pool.acquire() as conn:
+        for attempt in range(_WRITE_ATTEMPTS):
+            async with _current(
+                conn, account_id, conversation_id, lock=attempt == _WRITE_ATTEMPTS - 1
+            ) as current:
+                _check_version(current, if_match)
+                event = outbox.build_event(outbox.DELETED, account_id, current, current.version + 1)
+                if await repository.delete(
+                    conn,
+                    account_id,
+                    conversation_id,
+                    current.version,
+                    outbox.event_row(event, traceparent),
+                ):
+                    return
+    raise RuntimeError("a locked delete cannot lose a race")

@@ -1,9 +1,8 @@
-"""The outbox: each committed change leaves its event here, in the change's own transaction."""
+"""The outbox: each committed change leaves its event here, in the change's own statement."""
 
 import time
 from typing import Any
 
-import asyncpg
 import orjson
 
 from service.ids import new_id
@@ -13,12 +12,6 @@ CREATED = "conversation.created"
 UPDATED = "conversation.updated"
 ARCHIVED = "conversation.archived"
 DELETED = "conversation.deleted"
-
-INSERT_EVENT = """
-INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload,
-                    traceparent)
-VALUES ($1, $2, $3, $4, $5, $6::json, $7)
-"""
 
 
 def build_event(
@@ -42,12 +35,10 @@ def build_event(
     }
 
 
-async def record(
-    conn: asyncpg.Connection, event: dict[str, Any], traceparent: str | None = None
-) -> None:
-    """Write `event` to the outbox on `conn`, which must be inside the change's transaction."""
-    await conn.execute(
-        INSERT_EVENT,
+def event_row(event: dict[str, Any], traceparent: str | None) -> tuple[object, ...]:
+    """The outbox row's values for `event`, in the order the repository's statements take them:
+    event id, type, account, conversation, sequence, payload (JSON text), traceparent."""
+    return (
         event["id"],
         event["type"],
         event["account_id"],

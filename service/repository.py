@@ -45,19 +45,43 @@ def _stored(record: asyncpg.Record) -> StoredConversation:
     )
 
 
-INSERT_CONVERSATION = f"""
-INSERT INTO conversations (account_id, id, contact_id, group_id, pinned_message_id,
-                           is_pinned, is_muted, last_active_at, last_opened_at, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-ON CONFLICT DO NOTHING
-RETURNING {_COLUMNS}
+def _with_event(change: str, first: int) -> str:
+    """`change` (an INSERT, UPDATE or DELETE returning the row) and, if it touched a row, that
+    change's outbox row, in one statement: one round trip, atomic without BEGIN/COMMIT.
+
+    The event's values are parameters `first` to `first + 6`, in `outbox.event_row` order.
+    """
+    n = first
+    return f"""
+WITH changed AS ({change}),
+event AS (
+    INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload,
+                        traceparent)
+    SELECT ${n}, ${n + 1}, ${n + 2}, ${n + 3}, ${n + 4}, ${n + 5}::json, ${n + 6} FROM changed
+)
+SELECT {_COLUMNS} FROM changed
 """
 
 
+INSERT_CONVERSATION = _with_event(
+    f"""
+    INSERT INTO conversations (account_id, id, contact_id, group_id, pinned_message_id,
+                               is_pinned, is_muted, last_active_at, last_opened_at, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    ON CONFLICT DO NOTHING
+    RETURNING {_COLUMNS}""",
+    11,
+)
+
+
 async def insert(
-    conn: asyncpg.Connection, account_id: str, resource: dict[str, Any]
+    conn: asyncpg.Connection,
+    account_id: str,
+    resource: dict[str, Any],
+    event: tuple[object, ...],
 ) -> StoredConversation | None:
-    """Insert a new conversation; None when the contact or group already has one."""
+    """Insert a new conversation and its event; None (and no event) when the contact or group
+    already has one."""
     record = await conn.fetchrow(
         INSERT_CONVERSATION,
         account_id,
@@ -70,6 +94,7 @@ async def insert(
         resource["last_active_at"],
         resource["last_opened_at"],
         resource["created_at"],
+        *event,
     )
     return _stored(record) if record else None
 
@@ -104,34 +129,57 @@ async def get(
     return _stored(record) if record else None
 
 
-UPDATE_CONVERSATION = f"""
-UPDATE conversations
-SET pinned_message_id = $3, is_pinned = $4, is_muted = $5,
-    last_active_at = $6, last_opened_at = $7, archived_at = $8, version = version + 1
-WHERE account_id = $1 AND id = $2
-RETURNING {_COLUMNS}
-"""
+UPDATE_CONVERSATION = _with_event(
+    f"""
+    UPDATE conversations
+    SET pinned_message_id = $4, is_pinned = $5, is_muted = $6,
+        last_active_at = $7, last_opened_at = $8, archived_at = $9, version = version + 1
+    WHERE account_id = $1 AND id = $2 AND version = $3
+    RETURNING {_COLUMNS}""",
+    10,
+)
 
 
 async def update(
-    conn: asyncpg.Connection, account_id: str, resource: dict[str, Any]
-) -> StoredConversation:
-    """Write the writable fields of `resource` (a row locked by `get(for_update=True)`)."""
+    conn: asyncpg.Connection,
+    account_id: str,
+    resource: dict[str, Any],
+    expected_version: int,
+    event: tuple[object, ...],
+) -> StoredConversation | None:
+    """Write the writable fields of `resource` and its event if the row is still at
+    `expected_version`; None (and no event) if it changed or went meanwhile."""
     record = await conn.fetchrow(
         UPDATE_CONVERSATION,
         account_id,
         resource["id"],
+        expected_version,
         *(resource[field] for field in WRITABLE_FIELDS),
+        *event,
     )
-    return _stored(record)
+    return _stored(record) if record else None
 
 
-DELETE_CONVERSATION = "DELETE FROM conversations WHERE account_id = $1 AND id = $2"
+DELETE_CONVERSATION = _with_event(
+    f"""
+    DELETE FROM conversations WHERE account_id = $1 AND id = $2 AND version = $3
+    RETURNING {_COLUMNS}""",
+    4,
+)
 
 
-async def delete(conn: asyncpg.Connection, account_id: str, conversation_id: str) -> None:
-    """Remove a conversation (a row locked by `get(for_update=True)`)."""
-    await conn.execute(DELETE_CONVERSATION, account_id, conversation_id)
+async def delete(
+    conn: asyncpg.Connection,
+    account_id: str,
+    conversation_id: str,
+    expected_version: int,
+    event: tuple[object, ...],
+) -> bool:
+    """Remove a conversation and record its event if it is still at `expected_version`."""
+    record = await conn.fetchrow(
+        DELETE_CONVERSATION, account_id, conversation_id, expected_version, *event
+    )
+    return record is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from aiohttp.test_utils import TestClient
 
 from schemas import ConversationSchema
 from schemas.event import EventSchema
+from service import conversations, repository
 from service.ids import id_time_ms
 
 FIELDS = {
@@ -525,3 +526,27 @@ async def test_healthz_and_readyz_need_no_token(client):
     resp = await client.get("/readyz")
     assert resp.status == 200
     assert (await resp.json())["status"] == "ready"
+
+
+async def test_a_write_that_keeps_losing_the_race_locks_the_row_on_its_last_try(
+    client, headers, db, monkeypatch
+):
+    created = await create(client, headers, contact_id="c1")
+    real_update = repository.update
+    calls = []
+
+    async def loses_until_locked(conn, *args, **kwargs):
+        calls.append(conn.is_in_transaction())
+        if len(calls) < conversations._WRITE_ATTEMPTS:
+            return None  # as if another writer had changed the row in between
+        return await real_update(conn, *args, **kwargs)
+
+    monkeypatch.setattr(repository, "update", loses_until_locked)
+    resp = await client.put(
+        f"/v1/conversations/{created['id']}", json={"is_muted": True}, headers=headers
+    )
+    assert resp.status == 200
+    assert (await resp.json())["is_muted"] is True
+    # Optimistic tries outside a transaction, the last one inside the locking transaction.
+    assert calls == [False] * (conversations._WRITE_ATTEMPTS - 1) + [True]
+    assert [e["type"] for e in await events(db)] == ["conversation.created", "conversation.updated"]
