@@ -20,10 +20,18 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskN
 class JsonFormatter(logging.Formatter):
     """`{"timestamp", "level", "logger", "message", ...extra}` on one line, no traceback text."""
 
+    _second = -1
+    _second_text = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # the date part changes once a second: format it once
+            self._second, self._second_text = (
+                second,
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
+            )
         entry: dict[str, object] = {
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "timestamp": f"{self._second_text}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -31,8 +39,10 @@ class JsonFormatter(logging.Formatter):
         request_id = REQUEST_ID_VAR.get()
         if request_id is not None:
             entry["request_id"] = request_id
-        for key, value in vars(record).items():
-            if key not in _STANDARD and value is not None:
+        attributes = record.__dict__
+        for key in attributes.keys() - _STANDARD:
+            value = attributes[key]
+            if value is not None:
                 entry[key] = value
         return orjson.dumps(entry, default=str).decode()
 
@@ -47,6 +57,12 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Record nothing that no line shows: caller lookup walks the stack on every record (the
+    # logging HOWTO's "Optimization" section), and thread and process names are never printed.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def route_template(request: web.BaseRequest) -> str | None:

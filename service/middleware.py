@@ -1,10 +1,10 @@
 """Request id, error rendering and authentication: the three layers around every handler."""
 
 import logging
+import os
 import re
 import time
 import traceback
-import uuid
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -29,7 +29,7 @@ _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give every request an id (the caller's X-Request-ID if sane) and echo it on the response."""
     given = request.headers.get("X-Request-ID", "")
-    request_id = given if _REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex
+    request_id = given if _REQUEST_ID_PATTERN.fullmatch(given) else os.urandom(16).hex()
     request[REQUEST_ID] = request_id
     token = REQUEST_ID_VAR.set(request_id)
     try:
