@@ -7,11 +7,14 @@ SHELL := bash
 
 PORT ?= 8080
 PYTEST_ARGS ?=
+BENCH_QUICK ?=
+BENCH_PROFILE ?=
 
 VENV := .venv
 SERVICES := deploy/dev/services.sh
 JWT_SECRET := .dev/jwt-secret
 ASYNCAPI_TOOLS := tools/asyncapi
+BENCH_INSTALLED := $(VENV)/.bench-installed
 
 # Starts a recipe line that needs the services: exports DATABASE_URL and
 # AMQP_URL from the services script, and the dev JWT secret unless the
@@ -19,7 +22,7 @@ ASYNCAPI_TOOLS := tools/asyncapi
 WITH_ENV = eval "$$($(SERVICES) env)"; \
 	export JWT_HS256_SECRETS="$${JWT_HS256_SECRETS:-$$(cat $(JWT_SECRET))}";
 
-.PHONY: help venv services-up services-down env migrate run test lint clean
+.PHONY: help venv services-up services-down env migrate run test lint bench clean
 
 help:
 	@echo 'make venv           .venv with the package (editable) and its dev extras'
@@ -30,6 +33,7 @@ help:
 	@echo 'make run            migrate, print a dev token and curl examples, serve on 127.0.0.1:$$PORT (8080)'
 	@echo 'make test           run pytest against the local services (PYTEST_ARGS="-k foo"); installs the AsyncAPI validator (Node)'
 	@echo 'make lint           ruff check and ruff format --check'
+	@echo 'make bench          benchmarks against peers in the same run, into docs/benchmarks.md (BENCH_QUICK=1: short run)'
 	@echo 'make clean          stop the services, then delete .dev/ and .venv/'
 
 venv: $(VENV)/.installed
@@ -60,6 +64,11 @@ $(ASYNCAPI_TOOLS)/node_modules/.installed: $(ASYNCAPI_TOOLS)/package-lock.json
 		deploy/dev/install-packages.sh nodejs npm; \
 	fi
 	npm ci --prefix $(ASYNCAPI_TOOLS) --no-audit --no-fund --ignore-scripts
+	@touch $@
+
+# The bench extra (FastAPI, uvicorn, py-spy) only for `make bench`, never for `make test`.
+$(BENCH_INSTALLED): pyproject.toml $(VENV)/.installed
+	$(VENV)/bin/pip install -e '.[dev,bench]'
 	@touch $@
 
 services-up:
@@ -100,6 +109,13 @@ test: venv services-up $(JWT_SECRET) $(ASYNCAPI_TOOLS)/node_modules/.installed
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Seeds its own database, starts the service and its peers on free loopback ports, drives them
+# with wrk and pgbench (tests/bench/run.py). wrk is Debian's; pgbench comes with PostgreSQL.
+bench: venv services-up $(JWT_SECRET) $(BENCH_INSTALLED)
+	@command -v wrk >/dev/null || deploy/dev/install-packages.sh wrk
+	@$(WITH_ENV) $(VENV)/bin/python -m tests.bench.run \
+		$(if $(filter 1,$(BENCH_QUICK)),--quick) $(if $(filter 1,$(BENCH_PROFILE)),--profile)
 
 # Services first: a stop that fails ends make here, before anything is deleted
 # under a running server. When PostgreSQL's files live in /var/tmp (see

@@ -1,0 +1,423 @@
+"""The report: tables for stdout, and docs/benchmarks.md regenerated around fixed prose.
+
+The prose (how to run, what each scenario does, decisions, caveats, why a missed target is
+missed) lives here, so that every run rewrites the document whole and keeps it.
+"""
+
+import datetime
+import os
+import platform
+import string
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.bench.load import LoadResult
+from tests.bench.profile import FunctionCost, Profile
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One bounded run of one subject."""
+
+    scenario: str
+    subject: str
+    load: LoadResult
+    unit: str = "req/s"
+    rss_mb: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target: the measured figure, its peer's, their ratio, and whether it holds."""
+
+    key: str
+    scenario: str
+    what: str
+    measured: str
+    baseline: str
+    ratio: float | None
+    target: str
+    met: bool | None  # None: a figure for scale, without a target
+
+
+# Why a target can be missed on this set-up; shown under the table for each missed one.
+WHY_MISSED = {
+    "get_vs_minimal": (
+        "The minimal endpoint does nothing but the SELECT and the JSON. The service also checks "
+        "the bearer token, runs four middlewares (metrics histogram, request id with a uuid4, "
+        "error handling, auth), writes a JSON access-log line per request, and goes through "
+        "its domain and repository layers; the profile below shows those costs next to "
+        "asyncpg's and aiohttp's own."
+    ),
+    "get_vs_fastapi": (
+        "FastAPI on uvicorn with httptools does the same token check and SELECT; a loss here "
+        "means the service's own per-request layers cost more than FastAPI's routing, "
+        "dependency injection and uvicorn's access log (see the profile)."
+    ),
+    "get_p99": (
+        "With 64 connections on 2 cores shared by wrk, PostgreSQL, RabbitMQ and both workers, "
+        "the tail is queueing: p99 follows 64 / throughput, so it falls as the request cost does."
+    ),
+    "list_vs_get": (
+        "A page is 11 rows through the same layers plus marshmallow loading the query string "
+        "and 10 objects to encode: the query-schema load and the per-row dict building are "
+        "the extra cost over a GET by id."
+    ),
+    "deep_vs_first": (
+        "Keyset pagination is one index descent at any depth, so a deep page should cost what "
+        "the first does; a ratio well off 1 in one run and near 1 in the next is interference "
+        "from other work on the machine (look at the two runs' p99s), a steady one would point "
+        "at the cursor's handling (marshmallow validation, the second condition in the query)."
+    ),
+    "post_vs_pgbench": (
+        "pgbench runs the service's own statement with nothing around it; the service adds "
+        "HTTP, the token check, its middlewares and access log, marshmallow loading of the "
+        "body, and the event envelope built and encoded in Python, on one event loop per core; "
+        "and the relay process publishes those writes' events meanwhile, on the same 2 cores "
+        "(while the relay ran inside an API worker it was starved instead, and this ratio was "
+        "0.64-0.80)."
+    ),
+    "put_vs_pgbench": (
+        "As for POST, with the read that precedes the write (two round trips, each a turn "
+        "through the worker's event loop) and the change set computed in Python."
+    ),
+    "relay_vs_raw": (
+        "The raw publisher only publishes; the relay also reads each batch from the outbox, "
+        "builds a message per row (properties and headers) and marks the confirmed rows "
+        "published. It overlaps those with the broker's confirms, but they take CPU from the "
+        "same core as the publishing, and on 2 shared cores this ratio, close to its target, "
+        "moves by a few hundredths from run to run."
+    ),
+    "relay_latency": (
+        "The two rows of the steady-rate run separate the parts: the POST's own answer is the "
+        "request's share, the rest of the event's time the relay's. An event waits for the "
+        "NOTIFY wake-up, a batch read, the broker's confirm (a persistent message to a durable "
+        "queue is confirmed once RabbitMQ has written it, in group writes under load) and the "
+        "mark; the relay process shares the 2 cores with both API workers, PostgreSQL, "
+        "RabbitMQ and the harness that paces the POSTs and consumes the events."
+    ),
+    "mixed_failures": (
+        "A failed request under mixed load means a timeout or a 5xx; the service log "
+        "(.dev/bench/service.log) has the cause."
+    ),
+    "mixed_backlog": (
+        "wrk's closed loop keeps both API workers, PostgreSQL and wrk itself busy on 2 cores, "
+        "and the relay process gets only the scheduler's share left over: it publishes fewer "
+        "events per second than the writes commit (the progress output prints both), then "
+        "drains the backlog within seconds once the load stops. In production the relay has "
+        "a pod (and cores) of its own."
+    ),
+    "mixed_rss": (
+        "A worker's peak RSS over the mixed run passed 150 MB; the same worker's peaks in the "
+        "earlier scenarios (measurements above) show whether it grows with load or with time."
+    ),
+}
+
+TEMPLATE = string.Template("""\
+# Benchmarks
+
+<!-- Written by `make bench` (tests/bench/run.py; the prose is in tests/bench/report.py).
+     Edit the generator, not this file: the next run rewrites it. -->
+
+`make bench` measures the service as it runs in production, driven from a separate process by
+a real load generator on loopback, and measures its peers in the same run on the same machine.
+Every target is a ratio to a peer, because the absolute figures move with the machine and with
+whatever else runs on it; the ratios are what the targets are about.
+
+## How to run
+
+```sh
+make bench                               # the full run (about 8 minutes here); rewrites this file
+BENCH_QUICK=1 make bench                 # a short run (about 2 minutes): less data, 5 s runs
+BENCH_QUICK=1 BENCH_PROFILE=1 make bench # the short run with the profile (the full run has it)
+```
+
+It needs what `make run` needs (it starts the local PostgreSQL and RabbitMQ the same way), and
+installs what only it needs: Debian's `wrk` (through `deploy/dev/install-packages.sh`), and the
+`bench` extra of `pyproject.toml` (FastAPI, uvicorn, py-spy) into `.venv`. pgbench comes with
+PostgreSQL. Benchmarks are not part of `make test`. Logs of every server go to `.dev/bench/`
+(`service.log`, `minimal.log`, `fastapi.log`), never to the terminal; so do the data files that
+wrk reads and the raw profile.
+
+## Latest run
+
+$machine
+
+### Measurements
+
+Each row is one bounded run: wrk with 2 threads and 64 connections (`--latency`), or pgbench
+with 40 clients, or the harness itself for the relay. Failures are answers other than 2xx/3xx,
+socket errors and timeouts (wrk), failed transactions (pgbench), failed POSTs (the steady-rate
+answers) or POSTs whose event never arrived (the events). Peak RSS is each worker's VmHWM over
+that run (reset before it, through `/proc/<pid>/clear_refs`).
+
+$measurements
+
+### Targets
+
+$targets
+
+$missed
+
+### Profile: GET /v1/conversations/{id}, one service worker
+
+$profile
+
+### Commands
+
+The commands the run executed, in order, from the repository's root: the database password
+shows as `***`; AMQP_URL and JWT_HS256_SECRETS are `make env`'s, and DATABASE_URL is
+`make env`'s pointed at the database `conversations_bench`.
+
+$commands
+
+## What each scenario does
+
+1. **GET by id.** Random targets (10 per small account and 10,000 in the large one, 20,000 in
+   all), each request with its account's token. The service is compared with a minimal
+   TechEmpower-style aiohttp + asyncpg endpoint serving the same row (one route, the same SQL,
+   orjson, uvloop; no middleware, no auth, no access log; the account from a header), with a
+   FastAPI + uvicorn (uvloop, httptools) + asyncpg implementation doing the same JWT check
+   (the service's own `TokenVerifier`) and scoping, and with `pgbench -M prepared` running
+   the same SELECT: the database's own ceiling here. All three servers run 2 workers sharing
+   the port, with 20 pooled connections each; each gets a warm-up run before it is measured.
+   The full run does this twice, every server started afresh each round, and the targets take
+   each subject's best round: other work on the machine can only slow a run down.
+2. **List.** `GET /v1/conversations?limit=10` (the large account's first page) and a deep
+   page: `starting_after` a random one of the large account's 1,000 oldest ids but ten, so
+   the page is near the end of 1,000,000 rows (100,000 in quick mode). Keyset pagination
+   should make both cost the same.
+3. **Writes.** POST with a new contact id each time (thread, counter and a per-run tag) in a
+   random account, and PUT toggling `is_muted` (each wrk thread owns a share of the targets
+   and remembers their state, which the harness resets first, so every PUT is a real change:
+   a version bump and an event). pgbench runs the same statements (`tests/bench/pgbench/`).
+4. **Relay.** The running service's relay drains an outbox pre-filled with 100,000 events
+   (20,000 in quick mode), timed on the database's clock from the fill's commit to the last
+   `published_at`; a raw aio-pika publisher (batches of 500, publisher confirms, persistent
+   messages, the same exchange and queue) sends as many messages in the same run. Then the
+   harness POSTs at a steady 500/s for 15 s (5 s in quick mode; an open-loop pacer: sends
+   never wait for answers) while a subscriber bound to `conversation.created` times each
+   event from the POST's send to its receipt; the POST's own answer is timed too, to tell the
+   request's share from the relay's.
+5. **Mixed.** 80% GET by id, 10% POST, 10% PUT for 60 s (15 s in quick mode), while a
+   sampler counts the pending outbox rows every second. No request may fail, the backlog must
+   stay bounded (no sustained growth: the mean over the run's last quarter within one relay
+   batch, 500, of the second quarter's; and an empty outbox within 10 s of the end), and each
+   worker's peak RSS must stay under 150 MB. The relay's rate under this load is the write
+   rate (20% of the requests) less the backlog's growth.
+
+## Set-up and decisions
+
+- **The service as in production**: `conversations serve` with `WORKERS=2` (one process per
+  core, sharing the port through SO_REUSEPORT), `LOG_FORMAT=json` with the access log on,
+  metrics on, `RELAY_ENABLED=false` with `conversations relay` in a process of its own (as the
+  Kubernetes manifests deploy it), `DB_POOL_MIN=DB_POOL_MAX=20` per worker (PostgreSQL's
+  `max_connections` is 200 in the dev cluster), its own exchange `conversations_bench` with a
+  durable queue bound to every event standing for the subscribers.
+- **Data**: the database `conversations_bench` is dropped and recreated by every run
+  (`conversations migrate`, then COPY), so each run measures the same data, with no rows or
+  dead tuples left by an earlier run's writes; seeding takes about 3 s per 100,000 rows. 1,000
+  accounts of 100 conversations and `acct_large` with 1,000,000 (quick: 100,000); ids from
+  `service.ids.new_id` with increasing times, 10% group conversations, some pinned, muted,
+  archived; then VACUUM ANALYZE. Tokens come from `service.auth.mint_token` with the
+  service's secret.
+- **pgbench** runs the service's own SQL, copied by hand from `service/repository.py` into
+  `tests/bench/pgbench/` (when those statements change, the scripts follow): a POST is one
+  statement, the row and its outbox row in a CTE; a PUT reads the row, then updates it where
+  its version is still the one read, with the outbox row in the same statement. pgbench cannot
+  read ids from a file: its scripts pick row `n` of `bench_targets`, a 20,000-row copy of the
+  same targets, joined in the same statement (one extra index probe on a table that stays in
+  cache). Its clients: 40, the number of database sessions the service's two pools may hold,
+  where its rate is at its highest here. Its latencies come from a 20% sample of its
+  per-transaction log.
+- **Latency figures** under closed-loop load (wrk) are mostly queueing: with 64 connections,
+  latency is about 64 / throughput. The p99 target is read at that load.
+- **The relay's latency** is timed from the POST's send, which stands for the commit: it
+  includes the request's own handling (a few milliseconds), so it overstates the relay's part.
+
+## Caveats
+
+- **2 shared cores.** The load generator, PostgreSQL, RabbitMQ and both workers share them, and
+  other engineers' test runs may run at the same time: absolute numbers are noisy, which is why
+  every target is a ratio to a peer measured minutes apart in the same run.
+- **The load generator runs on the same machine**, taking CPU from the servers it drives; the
+  same holds for every peer, so the ratios stay fair, but a dedicated client machine would
+  show higher absolute rates for all of them.
+- PostgreSQL runs with `fsync=off` and `synchronous_commit=off` here (the dev cluster), so
+  the write ceiling is higher than on a production disk; the ratio still compares the service
+  with the same transaction on the same server.
+""")
+
+
+def _git_commit(root: Path) -> str:
+    result = subprocess.run(
+        ["git", "-C", str(root), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.stdout.strip() or "?"
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def _memory() -> str:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    return "?"
+
+
+def _tool_version(argv: list[str]) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    lines = (result.stdout or result.stderr).strip().splitlines()
+    return lines[0] if lines else "?"
+
+
+def load_average() -> str:
+    """The system's load averages over 1, 5 and 15 minutes."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def machine(
+    root: Path,
+    versions: dict[str, str],
+    *,
+    mode: str,
+    seconds: float,
+    rows: int,
+    pgbench: str,
+    load_before: str,
+) -> str:
+    """The machine, the software and the run, as a Markdown list."""
+    items = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "mode": mode,
+        "harness run time": f"{seconds / 60:.1f} min (seeding included)",
+        "rows seeded": f"{rows:,}",
+        "commit": _git_commit(root),
+        "cores (nproc)": str(len(os.sched_getaffinity(0))),
+        "load average before the run (1, 5, 15 min: other work on the machine)": load_before,
+        "CPU": _cpu_model(),
+        "memory": _memory(),
+        "kernel": platform.release(),
+        "Python": platform.python_version(),
+        **versions,
+        "wrk": _tool_version(["wrk", "-v"]).split(" Copyright")[0],
+        "pgbench": _tool_version([pgbench, "--version"]),
+    }
+    return "\n".join(f"- {key}: {value}" for key, value in items.items())
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value == value else "-"  # NaN: nothing measured
+
+
+def measurements_table(rows: list[Measurement]) -> str:
+    """One line per bounded run."""
+    lines = [
+        "| # | what | rate | p50 ms | p99 ms | requests | failures | peak RSS per worker |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        rss = " / ".join(f"{mb:.0f} MB" for mb in row.rss_mb) or "-"
+        lines.append(
+            f"| {row.scenario} | {row.subject} | {row.load.rate:,.0f} {row.unit} | "
+            f"{_ms(row.load.p50_ms)} | {_ms(row.load.p99_ms)} | {row.load.requests:,} | "
+            f"{row.load.failures:,} | {rss} |"
+        )
+    return "\n".join(lines)
+
+
+_MET = {True: "yes", False: "**no**", None: "-"}
+
+
+def targets_table(checks: list[Check]) -> str:
+    """One line per target."""
+    lines = [
+        "| # | target | measured | peer | ratio | target | met |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for check in checks:
+        ratio = f"{check.ratio:.2f}" if check.ratio is not None else "-"
+        lines.append(
+            f"| {check.scenario} | {check.what} | {check.measured} | {check.baseline} | "
+            f"{ratio} | {check.target} | {_MET[check.met]} |"
+        )
+    return "\n".join(lines)
+
+
+def missed_notes(checks: list[Check]) -> str:
+    """Which targets were missed, and why."""
+    targets = [check for check in checks if check.met is not None]
+    missed = [check for check in targets if not check.met]
+    if not missed:
+        return "Every target was met in this run."
+    lines = [f"Targets missed in this run ({len(missed)} of {len(targets)}):", ""]
+    lines += [f"- **{check.what}**: {WHY_MISSED[check.key]}" for check in missed]
+    return "\n".join(lines)
+
+
+def _costs_table(costs: list[FunctionCost], column: str) -> str:
+    lines = [f"| function | {column} | total |", "|---|---:|---:|"]
+    lines += [
+        f"| `{cost.function}` | {cost.self_percent:.1f}% | {cost.total_percent:.1f}% |"
+        for cost in costs
+    ]
+    return "\n".join(lines)
+
+
+NO_PROFILE = "Not recorded in this run (quick mode without `BENCH_PROFILE=1`)."
+
+
+def profile_failed(reason: str) -> str:
+    """The profile section when py-spy could not sample (it needs ptrace: root here)."""
+    return f"py-spy could not profile the worker in this run:\n\n```\n{reason.strip()}\n```"
+
+
+def profile_section(profile: Profile, raw_path: Path) -> str:
+    """The top functions of the profile and its own time per package."""
+    packages = ["| package | own |", "|---|---:|"] + [
+        f"| {name} | {percent:.1f}% |" for name, percent in profile.by_package if percent >= 0.5
+    ]
+    return "\n\n".join(
+        [
+            f"py-spy, {profile.samples:,} samples of one worker's busy time during an extra "
+            "GET-by-id run (not one of the measured runs: py-spy pauses the worker for each "
+            f"sample); raw stacks in `{raw_path}`. *own* is the share "
+            "of samples in the function itself (with the C code it calls: asyncpg's protocol, "
+            "uvloop, orjson have no Python frames), *total* with the Python functions it calls. "
+            "Time in the event loop itself (uvloop, the sockets) shows as `run_app`.",
+            "Own time per package:",
+            "\n".join(packages),
+            "Top functions by own time:",
+            _costs_table(profile.top_self, "own"),
+            "Top functions by total time (the process's entry frames left out):",
+            _costs_table(profile.top_total, "own"),
+        ]
+    )
+
+
+def render(
+    *,
+    machine_text: str,
+    measurements: list[Measurement],
+    checks: list[Check],
+    profile_text: str,
+    commands: list[str],
+) -> str:
+    """docs/benchmarks.md."""
+    return TEMPLATE.substitute(
+        machine=machine_text,
+        measurements=measurements_table(measurements),
+        targets=targets_table(checks),
+        missed=missed_notes(checks),
+        profile=profile_text,
+        commands="```sh\n" + "\n".join(commands) + "\n```",
+    )

@@ -1,0 +1,619 @@
+"""The benchmark harness behind `make bench`: seed, start each server, drive it, report.
+
+    python -m tests.bench.run [--quick] [--profile]
+
+Needs DATABASE_URL (a server where it may drop and create `conversations_bench`), AMQP_URL and
+JWT_HS256_SECRETS, as `make env` prints them (`make bench` sets them). Prints each figure as it
+is measured, then the tables, and rewrites docs/benchmarks.md. Every server it starts listens
+on 127.0.0.1 only and is stopped by its pid when its scenarios end, also on failure.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import uvloop
+from aio_pika.abc import AbstractQueue
+
+from service.settings import load_auth_settings
+from tests.bench import report
+from tests.bench.load import Commands, LoadResult, find_pgbench, pgbench, wrk
+from tests.bench.processes import Server, free_port, running
+from tests.bench.profile import record, summarize
+from tests.bench.relay import (
+    EXCHANGE,
+    backlog_sampler,
+    broker_sink,
+    broker_version,
+    commit_to_subscriber,
+    raw_publisher,
+    relay_drain,
+    wait_drained,
+)
+from tests.bench.report import Check, Measurement
+from tests.bench.seed import BENCH_DATABASE, Dataset, SeedPlan, reset_muted, seed
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH_DIR = ROOT / ".dev" / "bench"
+DOC = ROOT / "docs" / "benchmarks.md"
+WORKERS = 2
+POOL_PER_WORKER = 20
+LATENCY_WRITES_PER_SECOND = 500
+# The mixed run's outbox backlog is bounded when it stops growing (give or take one relay
+# batch) and is empty soon after the load.
+BACKLOG_GROWTH_SLACK = 500
+BACKLOG_DRAIN_SECONDS = 10.0
+SERVICE_GET = "service GET /v1/conversations/{id}"
+MIXED_WRITE_SHARE = 0.2  # tests/bench/wrk/mixed.lua: 10% POST, 10% PUT
+REQUIRED_VARIABLES = ("DATABASE_URL", "AMQP_URL", "JWT_HS256_SECRETS")
+
+
+_OUTCOME = {True: "target met", False: "TARGET NOT MET", None: "for scale, no target"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how big: quick mode finishes in under 3 minutes here, full in under 15."""
+
+    mode: str
+    seconds: int  # each measured wrk or pgbench run
+    warmup_seconds: int  # before each server's first measured run
+    mixed_seconds: int
+    latency_seconds: int
+    relay_events: int
+    profile: bool
+    rounds: int  # of scenario 1, whose targets use each subject's best round
+    data: SeedPlan
+
+
+QUICK = Plan("quick", 5, 2, 15, 5, 20_000, False, 1, SeedPlan(1_000, 100, 100_000))
+FULL = Plan("full", 15, 5, 60, 15, 100_000, True, 2, SeedPlan(1_000, 100, 1_000_000))
+
+
+@dataclass
+class Bench:
+    """One run: its plan, data and environment, and what it has measured so far."""
+
+    plan: Plan
+    dataset: Dataset
+    commands: Commands
+    started: float
+    measurements: list[Measurement] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    profile_text: str = report.NO_PROFILE
+
+    def say(self, text: str) -> None:
+        """A progress line, with the time since the start."""
+        print(f"[{time.monotonic() - self.started:6.1f}s] {text}", flush=True)
+
+    def add(self, measurement: Measurement) -> Measurement:
+        """Keep and print a measurement."""
+        self.measurements.append(measurement)
+        load = measurement.load
+        rss = " / ".join(f"{mb:.0f}" for mb in measurement.rss_mb)
+        latency = (
+            f", p50 {load.p50_ms:.2f} ms, p99 {load.p99_ms:.2f} ms"
+            if load.p50_ms == load.p50_ms  # NaN: a throughput without latencies
+            else ""
+        )
+        self.say(
+            f"  {measurement.subject}: {load.rate:,.0f} {measurement.unit}{latency}, "
+            f"failures {load.failures}" + (f", peak RSS per worker {rss} MB" if rss else "")
+        )
+        return measurement
+
+    def check(self, check: Check) -> None:
+        """Keep and print a target's outcome."""
+        self.checks.append(check)
+        ratio = f" ratio {check.ratio:.2f}" if check.ratio is not None else ""
+        target = f" (target {check.target})" if check.met is not None else ""
+        self.say(
+            f"  {check.what}: {check.measured} vs {check.baseline}{ratio}{target}: "
+            f"{_OUTCOME[check.met]}"
+        )
+
+
+def rate_check(
+    key: str,
+    what: str,
+    subject: Measurement,
+    peer: Measurement,
+    minimum: float | None,
+    *,
+    strictly: bool = False,
+) -> Check:
+    """subject's rate / peer's rate >= minimum (> with `strictly`; None: shown, no target)."""
+    ratio = subject.load.rate / peer.load.rate
+    if minimum is None:
+        target, met = "(no target)", None
+    elif strictly:
+        target, met = f"> {minimum:g}", ratio > minimum
+    else:
+        target, met = f">= {minimum:g}", ratio >= minimum
+    return Check(
+        key,
+        subject.scenario,
+        what,
+        f"{subject.load.rate:,.0f} {subject.unit}",
+        f"{peer.load.rate:,.0f} {peer.unit}",
+        ratio,
+        target,
+        met,
+    )
+
+
+def limit_check(key: str, scenario: str, what: str, value: float, limit: float, unit: str) -> Check:
+    """value < limit, with no peer."""
+    return Check(
+        key, scenario, what, f"{value:,.1f} {unit}", "-", None, f"< {limit:g} {unit}", value < limit
+    )
+
+
+async def _answers(url: str, headers: dict[str, str]) -> bool:
+    """Whether `url` answers 200 now."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session,
+            session.get(url, headers=headers) as response,
+        ):
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+def _readiness(
+    dataset: Dataset, *, probe: str | None = None
+) -> Callable[[Server], Awaitable[bool]]:
+    """Ready when `probe` (if any) and a GET of a known target answer 200."""
+    account, conversation_id = dataset.targets[0]
+    headers = {"Authorization": f"Bearer {dataset.tokens[account]}", "X-Account-ID": account}
+
+    async def ready(server: Server) -> bool:
+        if probe is not None and not await _answers(server.base_url + probe, {}):
+            return False
+        return await _answers(f"{server.base_url}/v1/conversations/{conversation_id}", headers)
+
+    return ready
+
+
+def _common_env(bench: Bench, port: int) -> dict[str, str]:
+    return {
+        "DATABASE_URL": bench.dataset.database_url,
+        "PORT": str(port),
+        "WORKERS": str(WORKERS),
+        "DB_POOL_MAX": str(POOL_PER_WORKER),
+    }
+
+
+@contextlib.asynccontextmanager
+async def service(bench: Bench) -> AsyncIterator[Server]:
+    """The service as in production: `conversations serve` (workers, JSON access log, metrics,
+    `RELAY_ENABLED=false`) and `conversations relay` in a process of its own, as the Kubernetes
+    manifests deploy them. Yields the API server."""
+    port = free_port()
+    relay_port = free_port()
+    env = {
+        **_common_env(bench, port),
+        "HOST": "127.0.0.1",
+        "DB_POOL_MIN": str(POOL_PER_WORKER),
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+        "RELAY_ENABLED": "false",
+        "RELAY_HTTP_PORT": str(relay_port),
+        "EVENTS_EXCHANGE": EXCHANGE,
+        "SHUTDOWN_TIMEOUT_SECONDS": "5",
+    }
+    command = str(Path(sys.executable).with_name("conversations"))
+
+    async def relay_ready(server: Server) -> bool:
+        return await _answers(f"http://127.0.0.1:{relay_port}/readyz", {})
+
+    async with (
+        running(
+            bench.commands,
+            "relay",
+            [command, "relay"],
+            {**env, "DB_POOL_MIN": "1", "DB_POOL_MAX": "2"},
+            port=relay_port,
+            workers=0,
+            log_path=BENCH_DIR / "relay.log",
+            ready=relay_ready,
+        ),
+        running(
+            bench.commands,
+            "service",
+            [command, "serve"],
+            env,
+            port=port,
+            workers=WORKERS,
+            log_path=BENCH_DIR / "service.log",
+            ready=_readiness(bench.dataset, probe="/readyz"),
+        ) as api,
+    ):
+        yield api
+
+
+def minimal_aiohttp(bench: Bench) -> contextlib.AbstractAsyncContextManager[Server]:
+    """tests/bench/baselines/minimal_aiohttp.py."""
+    port = free_port()
+    argv = [sys.executable, "-m", "tests.bench.baselines.minimal_aiohttp"]
+    return running(
+        bench.commands,
+        "minimal aiohttp",
+        argv,
+        _common_env(bench, port),
+        port=port,
+        workers=WORKERS,
+        log_path=BENCH_DIR / "minimal.log",
+        ready=_readiness(bench.dataset),
+    )
+
+
+def fastapi(bench: Bench) -> contextlib.AbstractAsyncContextManager[Server]:
+    """tests/bench/baselines/fastapi_app.py on uvicorn, uvloop and httptools."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tests.bench.baselines.fastapi_app:app",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--workers={WORKERS}",
+        "--loop=uvloop",
+        "--http=httptools",
+    ]
+    return running(
+        bench.commands,
+        "fastapi",
+        argv,
+        {**_common_env(bench, port), "JWT_HS256_SECRETS": os.environ["JWT_HS256_SECRETS"]},
+        port=port,
+        workers=WORKERS,
+        log_path=BENCH_DIR / "fastapi.log",
+        ready=_readiness(bench.dataset),
+    )
+
+
+async def measure(
+    bench: Bench, server: Server, scenario: str, subject: str, script: str, seconds: float
+) -> Measurement:
+    """One wrk run against `server`, with its workers' peak RSS over the run."""
+    server.reset_peak_rss()
+    load = await wrk(bench.commands, script, server.base_url, seconds, bench.dataset.data_dir)
+    return bench.add(Measurement(scenario, subject, load, rss_mb=tuple(server.peak_rss_mb())))
+
+
+async def get_by_id(bench: Bench, server: Server, subject: str) -> Measurement:
+    """Warm up, then measure GET /v1/conversations/{id}."""
+    bench.say(f"scenario 1: {subject}: warm-up {bench.plan.warmup_seconds} s")
+    await wrk(
+        bench.commands,
+        "get_by_id.lua",
+        server.base_url,
+        bench.plan.warmup_seconds,
+        bench.dataset.data_dir,
+    )
+    return await measure(bench, server, "1", subject, "get_by_id.lua", bench.plan.seconds)
+
+
+async def run_pgbench(bench: Bench, scenario: str, subject: str, script: str) -> Measurement:
+    """pgbench with as many clients as the service's pools hold, on the same database."""
+    load = await pgbench(
+        bench.commands,
+        script,
+        bench.dataset.database_url,
+        bench.plan.seconds,
+        WORKERS * POOL_PER_WORKER,
+        {"targets": len(bench.dataset.targets), "accounts": len(bench.dataset.accounts) - 1},
+        BENCH_DIR / "pgbench-log",
+    )
+    return bench.add(Measurement(scenario, subject, load, unit="tx/s"))
+
+
+async def profile_get_by_id(bench: Bench, server: Server) -> str:
+    """py-spy on one worker during an extra GET-by-id run (not one of the measured runs); the
+    report's section. A profile that cannot be taken (no ptrace) is reported, not fatal."""
+    seconds = bench.plan.seconds
+    bench.say(f"profile: py-spy on worker {server.workers[0]} for {seconds - 2} s")
+    raw = BENCH_DIR / "profile-get-by-id.txt"
+    failure = None
+    try:
+        async with asyncio.TaskGroup() as group:  # one failing stops the other
+            group.create_task(
+                wrk(
+                    bench.commands,
+                    "get_by_id.lua",
+                    server.base_url,
+                    seconds,
+                    bench.dataset.data_dir,
+                )
+            )
+            group.create_task(record(bench.commands, server.workers[0], seconds - 2, raw))
+    except* RuntimeError as errors:
+        failure = "\n".join(str(error) for error in errors.exceptions)
+    if failure is not None:
+        bench.say(f"  no profile: {failure}")
+        return report.profile_failed(failure)
+    return report.profile_section(summarize(raw), raw.relative_to(ROOT))
+
+
+def _best(runs: tuple[Measurement, ...]) -> Measurement:
+    """The fastest of a subject's rounds: interference from other work only slows a run."""
+    return max(runs, key=lambda run: run.load.rate)
+
+
+async def scenario_get_by_id(bench: Bench) -> list[Measurement]:
+    """Scenario 1 without the service's last round: each round starts the minimal endpoint,
+    FastAPI and (but in the last round) the service afresh, and runs pgbench. Returns, per
+    round, the measurements in that order."""
+    rounds = []
+    for number in range(1, bench.plan.rounds + 1):
+        label = f" (round {number} of {bench.plan.rounds})" if bench.plan.rounds > 1 else ""
+        async with minimal_aiohttp(bench) as server:
+            minimal = await get_by_id(bench, server, "minimal aiohttp + asyncpg" + label)
+        async with fastapi(bench) as server:
+            fastapi_peer = await get_by_id(bench, server, "FastAPI + uvicorn + asyncpg" + label)
+        bench.say("scenario 1: pgbench, the same SELECT")
+        ceiling = await run_pgbench(
+            bench, "1", "pgbench: the same SELECT" + label, "select_by_id.sql"
+        )
+        rounds.append([minimal, fastapi_peer, ceiling])
+        if number < bench.plan.rounds:
+            async with service(bench) as server:
+                rounds[-1].append(await get_by_id(bench, server, SERVICE_GET + label))
+    return rounds
+
+
+def check_get_by_id(bench: Bench, rounds: list[list[Measurement]]) -> Measurement:
+    """Scenario 1's targets, on each subject's best round; the service's best GET."""
+    minimal, fastapi_peer, ceiling, get = (_best(runs) for runs in zip(*rounds, strict=True))
+    bench.check(rate_check("get_vs_minimal", "GET by id / minimal aiohttp", get, minimal, 0.75))
+    bench.check(
+        rate_check("get_vs_fastapi", "GET by id / FastAPI", get, fastapi_peer, 1, strictly=True)
+    )
+    bench.check(
+        limit_check("get_p99", "1", "GET by id p99, 64 connections", get.load.p99_ms, 20, "ms")
+    )
+    what = "GET by id / pgbench SELECT (the database's ceiling)"
+    bench.check(rate_check("get_vs_pgbench", what, get, ceiling, None))
+    return get
+
+
+async def scenario_list(bench: Bench, server: Server, get: Measurement) -> None:
+    """Scenario 2: the first page and a deep page of the large account."""
+    bench.say("scenario 2: list")
+    seconds = bench.plan.seconds
+    first = await measure(bench, server, "2", "service list, first page", "list_first.lua", seconds)
+    deep = await measure(bench, server, "2", "service list, deep page", "list_deep.lua", seconds)
+    bench.check(rate_check("list_vs_get", "list first page / GET by id", first, get, 0.6))
+    ratio = deep.load.p50_ms / first.load.p50_ms
+    bench.check(
+        Check(
+            "deep_vs_first",
+            "2",
+            "deep page / first page latency (p50)",
+            f"{deep.load.p50_ms:.2f} ms",
+            f"{first.load.p50_ms:.2f} ms",
+            ratio,
+            "<= 1.2",
+            ratio <= 1.2,
+        )
+    )
+
+
+async def scenario_writes(bench: Bench, server: Server) -> None:
+    """Scenario 3: POST and PUT against pgbench running the same transactions."""
+    bench.say("scenario 3: writes")
+    seconds = bench.plan.seconds
+    await reset_muted(bench.dataset.database_url)
+    post = await measure(
+        bench, server, "3", "service POST /v1/conversations", "create.lua", seconds
+    )
+    put = await measure(
+        bench, server, "3", "service PUT /v1/conversations/{id}", "update.lua", seconds
+    )
+    post_tx = await run_pgbench(bench, "3", "pgbench: the POST's SQL", "create.sql")
+    put_tx = await run_pgbench(bench, "3", "pgbench: the PUT's SQL", "update.sql")
+    bench.check(rate_check("post_vs_pgbench", "POST / pgbench same SQL", post, post_tx, 0.5))
+    bench.check(rate_check("put_vs_pgbench", "PUT / pgbench same SQL", put, put_tx, 0.5))
+
+
+async def scenario_relay(bench: Bench, server: Server, sink: AbstractQueue) -> None:
+    """Scenario 4: relay throughput against a raw publisher, then commit-to-subscriber latency."""
+    amqp_url = os.environ["AMQP_URL"]
+    count = bench.plan.relay_events
+    bench.say(f"scenario 4: relay, {count:,} events")
+    await wait_drained(bench.dataset.database_url)  # the writes' events first
+    await sink.purge()
+    bench.commands.note(f"scenario 4, in the harness (tests/bench/relay.py): {count:,} events")
+    raw_rate = await raw_publisher(amqp_url, count)
+    raw = bench.add(Measurement("4", "raw aio-pika publisher", _rate_only(raw_rate, count), "ev/s"))
+    await sink.purge()
+    relay_rate = await relay_drain(bench.dataset.database_url, count)
+    relay = bench.add(
+        Measurement("4", "service relay, outbox drain", _rate_only(relay_rate, count), "ev/s")
+    )
+    await sink.purge()
+    bench.check(rate_check("relay_vs_raw", "relay / raw publisher", relay, raw, 0.8))
+    rate, seconds = LATENCY_WRITES_PER_SECOND, bench.plan.latency_seconds
+    bench.say(f"  commit-to-subscriber latency at {rate} POST/s for {seconds} s")
+    bench.commands.note(f"then POST at {rate}/s for {seconds} s, a subscriber timing the events")
+    server.reset_peak_rss()
+    latency = await commit_to_subscriber(
+        server.base_url,
+        amqp_url,
+        [bench.dataset.tokens[a] for a in bench.dataset.accounts[1:]],
+        rate,
+        seconds,
+    )
+    rss = tuple(server.peak_rss_mb())
+    bench.add(Measurement("4", "POST at a steady rate: its answer", latency.answers, "POST/s", rss))
+    events = bench.add(
+        Measurement("4", "POST at a steady rate: its event", latency.events, "POST/s", rss)
+    )
+    await sink.purge()
+    what = f"commit-to-subscriber p99 at {rate} writes/s"
+    bench.check(limit_check("relay_latency", "4", what, events.load.p99_ms, 50, "ms"))
+
+
+def _rate_only(rate: float, count: int) -> LoadResult:
+    return LoadResult(rate, float("nan"), float("nan"), count, 0)
+
+
+def _quarter_means(samples: list[int]) -> list[float]:
+    """The mean of each quarter of the samples (fewer than four samples: each on its own)."""
+    size = max(1, len(samples) // 4)
+    quarters = [samples[i : i + size] for i in range(0, size * 4, size)]
+    return [sum(quarter) / len(quarter) for quarter in quarters if quarter]
+
+
+async def scenario_mixed(bench: Bench, server: Server) -> None:
+    """Scenario 5: sustained 80/20 load; no failure, a bounded backlog, bounded memory."""
+    seconds = bench.plan.mixed_seconds
+    bench.say(f"scenario 5: mixed load for {seconds} s")
+    await wait_drained(bench.dataset.database_url)
+    await reset_muted(bench.dataset.database_url)
+    async with backlog_sampler(bench.dataset.database_url) as samples:
+        mixed = await measure(
+            bench, server, "5", "service mixed 80% read / 20% write", "mixed.lua", seconds
+        )
+    drain = await wait_drained(bench.dataset.database_url)
+    bench.say(f"  outbox backlog, pending events every second: {samples}")
+    writes = mixed.load.rate * MIXED_WRITE_SHARE
+    growth = (samples[-1] - samples[0]) / max(1, len(samples) - 1) if samples else 0.0
+    bench.say(
+        f"  writes about {writes:,.0f}/s, backlog growth {growth:,.0f}/s: the relay published "
+        f"about {writes - growth:,.0f} events/s under this load; empty {drain:.1f} s after it"
+    )
+    quarters = _quarter_means(samples)
+    # Bounded: no sustained growth (the last quarter's mean within one relay batch of the second
+    # quarter's), and the relay catches up soon after the load.
+    sustained = quarters[-1] - quarters[min(1, len(quarters) - 1)]
+    bounded = sustained <= BACKLOG_GROWTH_SLACK and drain <= BACKLOG_DRAIN_SECONDS
+    failures = mixed.load.failures
+    bench.check(
+        Check(
+            "mixed_failures",
+            "5",
+            "mixed: failed requests",
+            f"{failures:,} of {mixed.load.requests:,}",
+            "-",
+            None,
+            "0",
+            failures == 0,
+        )
+    )
+    bench.check(
+        Check(
+            "mixed_backlog",
+            "5",
+            "mixed: outbox backlog (pending, mean per quarter of the run; empty after)",
+            " / ".join(f"{mean:,.0f}" for mean in quarters) + f"; {drain:.1f} s",
+            f"writes {writes:,.0f}/s, relay {writes - growth:,.0f}/s",
+            None,
+            f"4th - 2nd <= {BACKLOG_GROWTH_SLACK}; <= {BACKLOG_DRAIN_SECONDS:g} s",
+            bounded,
+        )
+    )
+    largest = max(mixed.rss_mb)
+    bench.check(limit_check("mixed_rss", "5", "mixed: peak RSS per worker", largest, 150, "MB"))
+
+
+async def versions(database_url: str) -> dict[str, str]:
+    """PostgreSQL's and RabbitMQ's versions, from the servers themselves."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        postgres = await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+    return {"PostgreSQL": postgres, "RabbitMQ": await broker_version(os.environ["AMQP_URL"])}
+
+
+async def main(plan: Plan) -> None:
+    """Seed, measure every scenario, print the tables, rewrite docs/benchmarks.md."""
+    missing = [name for name in REQUIRED_VARIABLES if not os.environ.get(name)]
+    if missing:
+        sys.exit(f"{', '.join(missing)} not set: run the benchmarks with `make bench`")
+    # SIGINT or SIGTERM cancels the run, so that every `async with` stops what it started (a
+    # background job's SIGINT may be ignored, and SIGTERM would end the process without that).
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    if task is not None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, task.cancel)
+    started, load_before = time.monotonic(), report.load_average()
+    server_url = os.environ["DATABASE_URL"]
+    print(f"make bench ({plan.mode}): seeding {BENCH_DIR.relative_to(ROOT)} data", flush=True)
+    dataset = await seed(server_url, plan.data, load_auth_settings(), BENCH_DIR)
+    bench = Bench(plan, dataset, Commands(server_url, ROOT), started)
+    bench.say(f"seeded {dataset.rows:,} rows in {dataset.seconds:.1f} s")
+    bench.commands.note(
+        f"seed (tests/bench/seed.py): drop and create {BENCH_DATABASE}, `conversations migrate`, "
+        f"COPY {dataset.rows:,} rows, VACUUM ANALYZE"
+    )
+    async with broker_sink(os.environ["AMQP_URL"]) as sink:
+        rounds = await scenario_get_by_id(bench)
+        async with service(bench) as server:
+            label = f" (round {plan.rounds} of {plan.rounds})" if plan.rounds > 1 else ""
+            rounds[-1].append(await get_by_id(bench, server, SERVICE_GET + label))
+            get = check_get_by_id(bench, rounds)
+            if plan.profile:
+                bench.profile_text = await profile_get_by_id(bench, server)
+            await scenario_list(bench, server, get)
+            await scenario_writes(bench, server)
+            await scenario_relay(bench, server, sink)
+            await scenario_mixed(bench, server)
+    elapsed = time.monotonic() - started
+    machine = report.machine(
+        ROOT,
+        await versions(dataset.database_url),
+        mode=plan.mode,
+        seconds=elapsed,
+        rows=dataset.rows,
+        pgbench=find_pgbench(),
+        load_before=load_before,
+    )
+    document = report.render(
+        machine_text=machine,
+        measurements=bench.measurements,
+        checks=bench.checks,
+        profile_text=bench.profile_text,
+        commands=bench.commands.lines,
+    )
+    DOC.write_text(document)
+    print()
+    print(report.measurements_table(bench.measurements))
+    print()
+    print(report.targets_table(bench.checks))
+    print()
+    print(report.missed_notes(bench.checks))
+    print(f"\n{DOC.relative_to(ROOT)} rewritten; {elapsed / 60:.1f} min in all", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> Plan:
+    """The plan the command line asks for."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.run", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="less data and 5 s runs (under 3 min)")
+    parser.add_argument("--profile", action="store_true", help="profile in quick mode too (py-spy)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    return dataclasses.replace(plan, profile=plan.profile or args.profile)
+
+
+if __name__ == "__main__":
+    try:
+        uvloop.run(main(parse_args()))
+    except (KeyboardInterrupt, asyncio.CancelledError):  # the servers are stopped by then
+        sys.exit("make bench: interrupted; every process it started is stopped")
