@@ -24,7 +24,7 @@ from service.broker import Broker
 from service.relay import SELECT_PENDING, Relay
 from service.tail import tail
 from tests.events_support import amqp_url
-from tests.proxy import TcpProxy
+from tests.proxy import TcpProxy, free_port
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -377,27 +377,31 @@ async def test_events_tail_prints_each_event_on_a_line(client, headers, exchange
 
 
 async def test_the_relay_command_publishes_and_stops_cleanly_on_sigterm(
-    event_settings, aiohttp_client, headers, subscriber, db
+    event_settings, aiohttp_client, headers, subscriber, db, tmp_path
 ):
     await write_events(event_settings, aiohttp_client, headers, 5)
     env = {
         **os.environ,
+        "HOST": "127.0.0.1",
+        "RELAY_HTTP_PORT": str(free_port()),
         "DATABASE_URL": event_settings.database_url,
         "AMQP_URL": amqp_url(),
         "EVENTS_EXCHANGE": event_settings.events.exchange,
         "JWT_HS256_SECRETS": event_settings.auth.hs256_secrets[0],
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "relay", env=env, stderr=asyncio.subprocess.PIPE
-    )
+    log = tmp_path / "relay.log"  # a file, not a pipe that could fill up unread
+    with log.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service.cli", "relay", env=env, stderr=log_file
+        )
     try:
         await subscriber.receive(5, timeout=30)
         await wait_until(lambda: _pending_is(db, 0))
     finally:
         process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, stderr.decode()[-2000:]
-    assert b"relay is the active one" in stderr
+        await asyncio.wait_for(process.wait(), 30)
+    assert process.returncode == 0, log.read_text()[-2000:]
+    assert "relay is the active one" in log.read_text()
 
 
 async def test_the_next_batch_starts_at_the_oldest_pending_row_not_after_the_last_one(db):
