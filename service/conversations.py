@@ -3,15 +3,17 @@ statement (so one transaction), and only if the row is still as it was read."""
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
 from service import outbox, repository
 from service.ids import new_id
 from service.repository import ListFilter, StoredConversation
+
+T = TypeVar("T")
 
 # An If-Match header as a set of entity-tag values ("3", or "*" for any version); None if absent.
 IfMatch = frozenset[str] | None
@@ -127,6 +129,27 @@ async def _current(
         yield current
 
 
+async def _write(
+    pool: asyncpg.Pool,
+    account_id: str,
+    conversation_id: str,
+    if_match: IfMatch,
+    attempt: Callable[[asyncpg.Connection, StoredConversation], Awaitable[T | None]],
+) -> T:
+    """Run `attempt` on the conversation as read now, after the If-Match check, until it
+    returns something other than None (None: it lost the race to a concurrent change)."""
+    async with pool.acquire() as conn:
+        for number in range(_WRITE_ATTEMPTS):
+            async with _current(
+                conn, account_id, conversation_id, lock=number == _WRITE_ATTEMPTS - 1
+            ) as current:
+                _check_version(current, if_match)
+                result = await attempt(conn, current)
+                if result is not None:
+                    return result
+    raise RuntimeError("a locked write cannot lose a race")
+
+
 async def update(
     pool: asyncpg.Pool,
     account_id: str,
@@ -137,38 +160,31 @@ async def update(
 ) -> StoredConversation:
     """Apply `changes` (writable fields only). A change that changes nothing keeps the version
     and records no event."""
-    async with pool.acquire() as conn:
-        for attempt in range(_WRITE_ATTEMPTS):
-            async with _current(
-                conn, account_id, conversation_id, lock=attempt == _WRITE_ATTEMPTS - 1
-            ) as current:
-                _check_version(current, if_match)
-                previous = {
-                    field: current.resource[field]
-                    for field, value in changes.items()
-                    if current.resource[field] != value
-                }
-                if not previous:
-                    return current
-                after = StoredConversation({**current.resource, **changes}, current.version + 1)
-                archived = "archived_at" in previous and previous["archived_at"] is None
-                event = outbox.build_event(
-                    outbox.ARCHIVED if archived else outbox.UPDATED,
-                    account_id,
-                    after,
-                    after.version,
-                    previous,
-                )
-                updated = await repository.update(
-                    conn,
-                    account_id,
-                    after.resource,
-                    current.version,
-                    outbox.event_row(event, traceparent),
-                )
-                if updated is not None:
-                    return updated
-    raise RuntimeError("a locked update cannot lose a race")
+
+    async def attempt(
+        conn: asyncpg.Connection, current: StoredConversation
+    ) -> StoredConversation | None:
+        previous = {
+            field: current.resource[field]
+            for field, value in changes.items()
+            if current.resource[field] != value
+        }
+        if not previous:
+            return current
+        after = StoredConversation({**current.resource, **changes}, current.version + 1)
+        archived = "archived_at" in previous and previous["archived_at"] is None
+        event = outbox.build_event(
+            outbox.ARCHIVED if archived else outbox.UPDATED,
+            account_id,
+            after,
+            after.version,
+            previous,
+        )
+        return await repository.update(
+            conn, account_id, after.resource, current.version, outbox.event_row(event, traceparent)
+        )
+
+    return await _write(pool, account_id, conversation_id, if_match, attempt)
 
 
 async def delete(
@@ -179,19 +195,12 @@ async def delete(
     traceparent: str | None = None,
 ) -> None:
     """Delete permanently; the event carries the last state, one sequence past its version."""
-    async with pool.acquire() as conn:
-        for attempt in range(_WRITE_ATTEMPTS):
-            async with _current(
-                conn, account_id, conversation_id, lock=attempt == _WRITE_ATTEMPTS - 1
-            ) as current:
-                _check_version(current, if_match)
-                event = outbox.build_event(outbox.DELETED, account_id, current, current.version + 1)
-                if await repository.delete(
-                    conn,
-                    account_id,
-                    conversation_id,
-                    current.version,
-                    outbox.event_row(event, traceparent),
-                ):
-                    return
-    raise RuntimeError("a locked delete cannot lose a race")
+
+    async def attempt(conn: asyncpg.Connection, current: StoredConversation) -> bool | None:
+        event = outbox.build_event(outbox.DELETED, account_id, current, current.version + 1)
+        row = outbox.event_row(event, traceparent)
+        return (
+            await repository.delete(conn, account_id, conversation_id, current.version, row) or None
+        )
+
+    await _write(pool, account_id, conversation_id, if_match, attempt)
