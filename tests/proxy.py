@@ -2,6 +2,7 @@
 
 import asyncio
 import socket
+from urllib.parse import urlsplit, urlunsplit
 
 
 class TcpProxy:
@@ -50,3 +51,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def via_port(url: str, port: int) -> str:
+    """`url` (with or without credentials) with its host and port replaced by 127.0.0.1:`port`."""
+    parts = urlsplit(url)
+    credentials, at, _ = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{credentials}{at}127.0.0.1:{port}"))

@@ -2,20 +2,12 @@
 write, and recovers by itself when the database returns."""
 
 import dataclasses
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
 from service.app import create_app
-from tests.proxy import TcpProxy, free_port
-
-
-def _via(url: str, port: int) -> str:
-    """`url` with its host and port replaced by 127.0.0.1:`port`."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{port}"
-    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+from tests.proxy import TcpProxy, free_port, via_port
 
 
 @pytest.fixture
@@ -31,7 +23,7 @@ async def proxy(db_url):
 async def test_the_service_starts_and_answers_503_while_the_database_is_down(
     aiohttp_client, settings, headers
 ):
-    down = dataclasses.replace(settings, database_url=_via(settings.database_url, free_port()))
+    down = dataclasses.replace(settings, database_url=via_port(settings.database_url, free_port()))
     client = await aiohttp_client(create_app(down))
     assert (await client.get("/healthz")).status == 200
     resp = await client.get("/readyz")
@@ -52,7 +44,7 @@ async def test_a_database_outage_is_503_then_recovers_with_nothing_lost(
 ):
     client = await aiohttp_client(
         create_app(
-            dataclasses.replace(settings, database_url=_via(settings.database_url, proxy.port))
+            dataclasses.replace(settings, database_url=via_port(settings.database_url, proxy.port))
         )
     )
     resp = await client.post("/v1/conversations", json={"contact_id": "before"}, headers=headers)

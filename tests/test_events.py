@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -24,7 +24,7 @@ from service.broker import Broker
 from service.relay import SELECT_PENDING, Relay
 from service.tail import tail
 from tests.events_support import amqp_url
-from tests.proxy import TcpProxy, free_port
+from tests.proxy import TcpProxy, free_port, via_port
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -171,19 +171,13 @@ async def test_readyz_reports_broker_relay_and_backlog(client):
 # --- the broker going away --------------------------------------------------------------------
 
 
-def _via_proxy(url: str, proxy: TcpProxy) -> str:
-    parts = urlsplit(url)
-    credentials = parts.netloc.rsplit("@", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}"))
-
-
 async def test_writes_succeed_while_the_broker_is_down_and_every_event_arrives_after(
     event_settings, aiohttp_client, headers, subscriber, db
 ):
     parts = urlsplit(amqp_url())
     proxy = TcpProxy(parts.hostname, parts.port)
     await proxy.start()
-    events = dataclasses.replace(event_settings.events, amqp_url=_via_proxy(amqp_url(), proxy))
+    events = dataclasses.replace(event_settings.events, amqp_url=via_port(amqp_url(), proxy.port))
     client = await aiohttp_client(create_app(dataclasses.replace(event_settings, events=events)))
     try:
         first = await create(client, headers, contact_id="before")
