@@ -12,7 +12,14 @@ from typing import Literal
 import asyncpg
 
 from service.logs import configure_logging
-from service.settings import ConfigError, Settings, load_auth_settings, load_settings
+from service.settings import (
+    ConfigError,
+    Settings,
+    load_auth_settings,
+    load_event_settings,
+    load_migrate_settings,
+    load_settings,
+)
 
 DEV_SCOPES = ["conversations:read", "conversations:write"]
 
@@ -89,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     from service.migrations import MigrationError, migrate
 
-    settings = load_settings()
+    settings = load_migrate_settings()
     configure_logging(settings.log_level, settings.log_format)
 
     async def run() -> list[str]:
@@ -115,11 +122,9 @@ def _relay(args: argparse.Namespace) -> int:
 def _events_tail(args: argparse.Namespace) -> int:
     from service.tail import tail
 
-    settings = load_settings()
+    events = load_event_settings()
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a tail ends
-        asyncio.run(
-            tail(settings.events.amqp_url, settings.events.exchange, args.type, count=args.count)
-        )
+        asyncio.run(tail(events.amqp_url, events.exchange, args.type, count=args.count))
     return 0
 
 

@@ -129,11 +129,67 @@ def load_auth_settings() -> AuthSettings:
     return auth
 
 
+@dataclass(frozen=True)
+class MigrateSettings:
+    """What `conversations migrate` needs: the database, and how to log. No secrets beyond it."""
+
+    database_url: str
+    log_level: str
+    log_format: str
+
+
+def _database_url(env: Env) -> str:
+    return env.str("DATABASE_URL", validate=validate.Regexp(r"^postgres(ql)?://"))
+
+
+def _log_level(env: Env) -> str:
+    return env.str(
+        "LOG_LEVEL", "INFO", validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])
+    )
+
+
+def _log_format(env: Env) -> str:
+    return env.str("LOG_FORMAT", "json", validate=validate.OneOf(["json", "console"]))
+
+
+def _event_settings(env: Env) -> EventSettings:
+    return EventSettings(
+        amqp_url=env.str("AMQP_URL", validate=validate.Regexp(r"^amqps?://")),
+        exchange=env.str("EVENTS_EXCHANGE", "conversations", validate=validate.Length(1, 200)),
+        relay_enabled=env.bool("RELAY_ENABLED", True),
+        relay_batch_size=env.int("RELAY_BATCH_SIZE", 500, validate=validate.Range(1, 10_000)),
+        relay_poll_interval_seconds=env.float(
+            "RELAY_POLL_INTERVAL_SECONDS", 1.0, validate=validate.Range(0.05, 60)
+        ),
+        outbox_retention_hours=env.float(
+            "OUTBOX_RETENTION_HOURS", 72.0, validate=validate.Range(0, 24 * 365)
+        ),
+    )
+
+
+def load_migrate_settings() -> MigrateSettings:
+    """Only what migrations need, so the migration Job is given the database URL alone."""
+    env = Env(eager=False)
+    settings = MigrateSettings(
+        database_url=_database_url(env), log_level=_log_level(env), log_format=_log_format(env)
+    )
+    _seal(env)
+    return settings
+
+
+def load_event_settings() -> EventSettings:
+    """Only the broker settings: what `conversations events tail` needs."""
+    env = Env(eager=False)
+    events = _event_settings(env)
+    _seal(env)
+    return events
+
+
 def load_settings() -> Settings:
     """All settings, from the process environment; ConfigError says what is wrong."""
     env = Env(eager=False)
     settings = Settings(
-        database_url=env.str("DATABASE_URL", validate=validate.Regexp(r"^postgres(ql)?://")),
+        database_url=_database_url(env),
         host=env.str("HOST", "127.0.0.1"),
         port=env.int("PORT", 8080, validate=validate.Range(1, 65535)),
         db_pool_min=env.int("DB_POOL_MIN", 2, validate=validate.Range(0, 1000)),
@@ -142,10 +198,8 @@ def load_settings() -> Settings:
             "DB_STATEMENT_TIMEOUT_MS", 5000, validate=validate.Range(1, 600_000)
         ),
         error_docs_url=env.str("ERROR_DOCS_URL", "https://docs.digivault.com/api/errors"),
-        log_level=env.str(
-            "LOG_LEVEL", "INFO", validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"])
-        ),
-        log_format=env.str("LOG_FORMAT", "json", validate=validate.OneOf(["json", "console"])),
+        log_level=_log_level(env),
+        log_format=_log_format(env),
         shutdown_timeout_seconds=env.float(
             "SHUTDOWN_TIMEOUT_SECONDS", 20.0, validate=validate.Range(0, 600)
         ),
@@ -153,18 +207,7 @@ def load_settings() -> Settings:
         relay_http_port=env.int("RELAY_HTTP_PORT", 9090, validate=validate.Range(1, 65535)),
         metrics_token=env.str("METRICS_TOKEN", None) or None,
         auth=_auth_settings(env),
-        events=EventSettings(
-            amqp_url=env.str("AMQP_URL", validate=validate.Regexp(r"^amqps?://")),
-            exchange=env.str("EVENTS_EXCHANGE", "conversations", validate=validate.Length(1, 200)),
-            relay_enabled=env.bool("RELAY_ENABLED", True),
-            relay_batch_size=env.int("RELAY_BATCH_SIZE", 500, validate=validate.Range(1, 10_000)),
-            relay_poll_interval_seconds=env.float(
-                "RELAY_POLL_INTERVAL_SECONDS", 1.0, validate=validate.Range(0.05, 60)
-            ),
-            outbox_retention_hours=env.float(
-                "OUTBOX_RETENTION_HOURS", 72.0, validate=validate.Range(0, 24 * 365)
-            ),
-        ),
+        events=_event_settings(env),
     )
     _seal(env)
     if settings.db_pool_min > settings.db_pool_max:

@@ -365,7 +365,7 @@ def no_serving(monkeypatch):
 
 
 async def test_cli_migrate_applies_then_has_nothing_to_do(empty_database, environment, capsys):
-    environment(DATABASE_URL=empty_database, JWT_HS256_SECRETS=TEST_SECRET, AMQP_URL=AMQP_URL)
+    environment(DATABASE_URL=empty_database)  # nothing else: the Job gets no other secret
     assert await asyncio.to_thread(main, ["migrate"]) == 0
     assert capsys.readouterr().out.strip() == (
         f"applied {len(SHIPPED)} migration(s): {', '.join(SHIPPED)}"
@@ -426,15 +426,18 @@ def test_cli_serve_with_an_unreadable_public_key_returns_2(environment, no_servi
 
 
 def test_cli_migrate_with_bad_configuration_returns_2(environment, capsys):
-    environment(
-        DATABASE_URL="mysql://app:" + PASSWORD + "@db/x",
-        JWT_HS256_SECRETS=TEST_SECRET,
-        AMQP_URL=AMQP_URL,
-    )
+    environment(DATABASE_URL="mysql://app:" + PASSWORD + "@db/x", LOG_FORMAT="xml")
     assert main(["migrate"]) == 2
     err = capsys.readouterr().err
     assert "DATABASE_URL" in err
+    assert "LOG_FORMAT" in err
     assert PASSWORD not in err
+
+
+def test_cli_migrate_without_a_database_url_returns_2(environment, capsys):
+    environment(JWT_HS256_SECRETS=TEST_SECRET, AMQP_URL=AMQP_URL)
+    assert main(["migrate"]) == 2
+    assert "DATABASE_URL" in capsys.readouterr().err
 
 
 # --- settings -----------------------------------------------------------------------------------
