@@ -381,6 +381,28 @@ async def test_events_tail_prints_each_event_on_a_line(client, headers, exchange
     ]
 
 
+async def test_the_events_tail_command_needs_only_the_broker_settings(client, headers, exchange):
+    env = {"PATH": os.environ["PATH"], "AMQP_URL": amqp_url(), "EVENTS_EXCHANGE": exchange}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "events", "tail", "--count", "1",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    created = set()
+    try:
+        async with asyncio.timeout(30):
+            while process.returncode is None:  # until the queue is bound, events pass it by
+                created.add((await create(client, headers, contact_id=f"c{len(created)}"))["id"])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(process.wait()), 0.5)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()[-2000:]
+    [line] = out.decode().splitlines()
+    assert orjson.loads(line)["data"]["object"]["id"] in created
+
+
 async def test_the_relay_command_publishes_and_stops_cleanly_on_sigterm(
     event_settings, aiohttp_client, headers, subscriber, db, tmp_path
 ):
