@@ -1,4 +1,5 @@
-"""The Conversations contract as marshmallow schemas: requests, responses and errors.
+"""The Conversations contract as marshmallow schemas: requests, responses, errors and
+the operational endpoints' bodies.
 
 Importable by clients and subscribers without the server: nothing here imports `service`.
 """
@@ -12,6 +13,7 @@ from schemas.conversation import (
     DeletedConversationSchema,
 )
 from schemas.error import ErrorSchema
+from schemas.probe import HealthSchema, ReadinessSchema
 
 __all__ = [
     "ConversationCreateSchema",
@@ -21,4 +23,6 @@ __all__ = [
     "ConversationUpdateSchema",
     "DeletedConversationSchema",
     "ErrorSchema",
+    "HealthSchema",
+    "ReadinessSchema",
 ]

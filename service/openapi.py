@@ -14,6 +14,8 @@ from schemas import (
     ConversationUpdateSchema,
     DeletedConversationSchema,
     ErrorSchema,
+    HealthSchema,
+    ReadinessSchema,
 )
 
 VERSION = "1.0.0"
@@ -92,6 +94,8 @@ def build_openapi() -> dict[str, Any]:
         ("ConversationList", ConversationListSchema),
         ("DeletedConversation", DeletedConversationSchema),
         ("Error", ErrorSchema),
+        ("Health", HealthSchema),
+        ("Readiness", ReadinessSchema),
     ):
         spec.components.schema(name, schema=schema)
 
@@ -170,9 +174,9 @@ def build_openapi() -> dict[str, Any]:
             },
         },
     )
-    for path, summary in (
-        ("/healthz", "Liveness: the process answers"),
-        ("/readyz", "Readiness: PostgreSQL reachable, migrations applied"),
+    for path, summary, schema in (
+        ("/healthz", "Liveness: the process answers", "Health"),
+        ("/readyz", "Readiness: PostgreSQL reachable, migrations applied", "Readiness"),
     ):
         spec.path(
             path=path,
@@ -180,7 +184,13 @@ def build_openapi() -> dict[str, Any]:
                 "get": {
                     "summary": summary,
                     "security": [],
-                    "responses": {"200": {"description": "OK."}, "503": _error("Not ready.")},
+                    "responses": {
+                        "200": {
+                            "description": "OK.",
+                            "content": {"application/json": {"schema": schema}},
+                        },
+                        "503": _error("Not ready."),
+                    },
                 }
             },
         )

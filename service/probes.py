@@ -76,12 +76,12 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-async def _outbox_backlog(conn: asyncpg.Connection) -> dict[str, float] | str:
-    """The pending events and the oldest one's age, or "unknown" if counting them takes too long."""
+async def _outbox_backlog(conn: asyncpg.Connection) -> dict[str, float | None]:
+    """The pending events and the oldest one's age; both None if counting takes too long."""
     try:
         row = await conn.fetchrow(OUTBOX_BACKLOG, timeout=BACKLOG_TIMEOUT_SECONDS)
     except TimeoutError:  # asyncpg has cancelled the query on the server
-        return "unknown"
+        return {"pending": None, "oldest_pending_age_seconds": None}
     return {"pending": row["pending"], "oldest_pending_age_seconds": round(row["oldest_age"], 3)}
 
 

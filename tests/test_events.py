@@ -18,6 +18,7 @@ import asyncpg
 import orjson
 import pytest
 
+from schemas import ReadinessSchema
 from schemas.event import EventSchema
 from service.app import create_app
 from service.broker import Broker
@@ -172,7 +173,9 @@ async def get_one(queue_name: str, timeout: float) -> aio_pika.abc.AbstractIncom
 async def test_readyz_reports_broker_relay_and_backlog(client):
     async with asyncio.timeout(20):
         while True:
-            checks = (await (await client.get("/readyz")).json())["checks"]
+            body = await (await client.get("/readyz")).json()
+            assert ReadinessSchema().validate(body) == {}
+            checks = body["checks"]
             if checks["broker"] == "connected" and checks["relay"] == "active":
                 break
             await asyncio.sleep(0.1)

@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from schemas import HealthSchema, ReadinessSchema
 from service.app import create_app
 from service.auth import READ_SCOPE, WRITE_SCOPE, Principal, TokenVerifier
 from service.cli import main
@@ -306,19 +307,22 @@ async def test_readyz_is_200_on_the_migrated_database(client):
     assert body["checks"]["migrations"] == "ok"
     assert body["checks"]["relay"] == "disabled"  # the test settings run no relay
     assert body["checks"]["outbox"] == {"pending": 0, "oldest_pending_age_seconds": 0}
+    assert ReadinessSchema().validate(body) == {}
     resp = await client.get("/healthz")
     assert resp.status == 200
+    assert HealthSchema().validate(await resp.json()) == {}
 
 
 async def test_readyz_stays_200_when_the_backlog_cannot_be_counted_in_time(client, db):
     # A backlog too large to count inside the probe (here: the count waits on a table lock) is
-    # reported as unknown; it never makes the pod unready.
+    # reported as unknown (null); it never makes the pod unready.
     async with db.transaction():
         await db.execute("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
         resp = await client.get("/readyz")
     assert resp.status == 200
     body = await resp.json()
-    assert body["checks"]["outbox"] == "unknown"
+    assert ReadinessSchema().validate(body) == {}
+    assert body["checks"]["outbox"] == {"pending": None, "oldest_pending_age_seconds": None}
     assert body["checks"]["migrations"] == "ok"
     body = await (await client.get("/readyz")).json()  # the lock is gone: counted again
     assert body["checks"]["outbox"] == {"pending": 0, "oldest_pending_age_seconds": 0}
