@@ -391,12 +391,12 @@ async def test_the_events_tail_command_needs_only_the_broker_settings(client, he
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     created = set()
+    exited = asyncio.ensure_future(process.wait())
     try:
         async with asyncio.timeout(30):
-            while process.returncode is None:  # until the queue is bound, events pass it by
+            while not exited.done():  # until the tail's queue is bound, events pass it by
                 created.add((await create(client, headers, contact_id=f"c{len(created)}"))["id"])
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(process.wait()), 0.5)
+                await asyncio.wait([exited], timeout=0.5)
     finally:
         if process.returncode is None:
             process.kill()
