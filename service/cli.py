@@ -72,7 +72,7 @@ def _run_one(settings: Settings, role: Literal["api", "relay"], *, reuse_port: b
     import uvloop
     from aiohttp import web
 
-    from service.app import create_app
+    from service.api.app import create_app
     from service.logs import AccessLogger
 
     web.run_app(
@@ -120,7 +120,7 @@ def _relay(args: argparse.Namespace) -> int:
 
 
 def _events_tail(args: argparse.Namespace) -> int:
-    from service.tail import tail
+    from service.events.tail import tail
 
     events = load_event_settings()
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a tail ends
@@ -129,7 +129,7 @@ def _events_tail(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from service.auth import mint_token
+    from service.api.auth import mint_token
 
     auth = load_auth_settings()
     scopes = args.scope.split() if args.scope else DEV_SCOPES
@@ -138,14 +138,14 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _openapi(args: argparse.Namespace) -> int:
-    from service.openapi import render_openapi
+    from service.api.openapi import render_openapi
 
     sys.stdout.buffer.write(render_openapi())
     return 0
 
 
 def _asyncapi(args: argparse.Namespace) -> int:
-    from service.asyncapi import render_asyncapi
+    from service.events.asyncapi import render_asyncapi
 
     sys.stdout.buffer.write(render_asyncapi())
     return 0

@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.app import create_app
-from service.auth import mint_token
+from service.api.app import create_app
+from service.api.auth import mint_token
 from service.migrations import migrate
 from service.settings import AuthSettings, EventSettings, Settings
 from tests.events_support import Subscriber, amqp_url

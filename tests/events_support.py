@@ -6,7 +6,7 @@ import os
 import aio_pika
 import pytest
 
-from service.broker import declare_topology
+from service.events.broker import declare_topology
 
 
 def amqp_url() -> str:

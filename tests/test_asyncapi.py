@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from schemas.event import EVENT_TYPES, EventSchema
-from service.asyncapi import build_asyncapi, render_asyncapi
+from service.events.asyncapi import build_asyncapi, render_asyncapi
 
 ROOT = Path(__file__).parent.parent
 COMMITTED = ROOT / "docs" / "asyncapi.json"

@@ -13,8 +13,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from service.app import create_app
-from service.auth import (
+from service.api.app import create_app
+from service.api.auth import (
     MAX_ACCOUNT_ID_LENGTH,
     READ_SCOPE,
     WRITE_SCOPE,
@@ -561,7 +561,7 @@ def test_a_tampered_token_is_never_served_from_the_cache(auth_settings):
 
 
 def test_the_cache_is_bounded(auth_settings, monkeypatch):
-    monkeypatch.setattr("service.auth.TOKEN_CACHE_SIZE", 5)
+    monkeypatch.setattr("service.api.auth.TOKEN_CACHE_SIZE", 5)
     verifier = TokenVerifier(auth_settings)
     tokens = [mint_token(auth_settings, f"acct_{n}", [READ_SCOPE], 60) for n in range(12)]
     for token in tokens:

@@ -8,8 +8,8 @@ from aiohttp.test_utils import TestClient
 
 from schemas import ConversationSchema
 from schemas.event import EventSchema
-from service import conversations, repository
-from service.ids import id_time_ms
+from service.conversations import operations, repository
+from service.conversations.ids import id_time_ms
 
 FIELDS = {
     "id",
@@ -537,7 +537,7 @@ async def test_a_write_that_keeps_losing_the_race_locks_the_row_on_its_last_try(
 
     async def loses_until_locked(conn, *args, **kwargs):
         calls.append(conn.is_in_transaction())
-        if len(calls) < conversations._WRITE_ATTEMPTS:
+        if len(calls) < operations._WRITE_ATTEMPTS:
             return None  # as if another writer had changed the row in between
         return await real_update(conn, *args, **kwargs)
 
@@ -548,5 +548,5 @@ async def test_a_write_that_keeps_losing_the_race_locks_the_row_on_its_last_try(
     assert resp.status == 200
     assert (await resp.json())["is_muted"] is True
     # Optimistic tries outside a transaction, the last one inside the locking transaction.
-    assert calls == [False] * (conversations._WRITE_ATTEMPTS - 1) + [True]
+    assert calls == [False] * (operations._WRITE_ATTEMPTS - 1) + [True]
     assert [e["type"] for e in await events(db)] == ["conversation.created", "conversation.updated"]

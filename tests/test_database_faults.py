@@ -6,7 +6,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from service.app import create_app
+from service.api.app import create_app
 from tests.proxy import TcpProxy, free_port, via_port
 
 

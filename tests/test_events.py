@@ -20,10 +20,10 @@ import pytest
 
 from schemas import ReadinessSchema
 from schemas.event import EventSchema
-from service.app import create_app
-from service.broker import Broker
-from service.relay import SELECT_PENDING, Relay
-from service.tail import tail
+from service.api.app import create_app
+from service.events.broker import Broker
+from service.events.relay import SELECT_PENDING, Relay
+from service.events.tail import tail
 from tests.events_support import amqp_url
 from tests.proxy import TcpProxy, free_port, via_port
 
@@ -157,7 +157,7 @@ async def get_one(queue_name: str, timeout: float) -> aio_pika.abc.AbstractIncom
             try:
                 async with await aio_pika.connect(amqp_url()) as connection:
                     channel = await connection.channel()
-                    queue = await channel.declare_queue(  # as service.broker declares it
+                    queue = await channel.declare_queue(  # as service.events.broker declares it
                         queue_name, durable=True, arguments={"x-queue-type": "quorum"}
                     )
                     while (message := await queue.get(fail=False)) is None:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.ids import ALPHABET, id_time_ms, new_id
+from service.conversations.ids import ALPHABET, id_time_ms, new_id
 
 ID = re.compile(r"[0-9A-Za-z]{16}")
 BASE = 62

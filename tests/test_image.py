@@ -282,9 +282,9 @@ def test_dockerignore_sends_the_package_sources_and_nothing_else() -> None:
         "tools/asyncapi/node_modules/ajv/package.json",
         "deploy/k8s/deployment.yaml",
         "deploy/Dockerfile",
-        "build/lib/service/app.py",
+        "build/lib/service/api/app.py",
         "digivault_conversations.egg-info/PKG-INFO",
-        "service/__pycache__/app.cpython-311.pyc",
+        "service/api/__pycache__/app.cpython-311.pyc",
         "sql/migrations/__pycache__/x.pyc",
     ]:
         assert ignored(path, rules), path

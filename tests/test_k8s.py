@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from service.events import RELAY_STOP_TIMEOUT_SECONDS
+from service.events.runtime import RELAY_STOP_TIMEOUT_SECONDS
 
 K8S = Path(__file__).parent.parent / "deploy" / "k8s"
 SECRET_TEMPLATE = K8S / "secret.template.yaml"

@@ -12,9 +12,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from schemas import HealthSchema, ReadinessSchema
-from service.app import create_app
-from service.auth import READ_SCOPE, WRITE_SCOPE, Principal, TokenVerifier
+from service.api.app import create_app
+from service.api.auth import READ_SCOPE, WRITE_SCOPE, Principal, TokenVerifier
 from service.cli import main
+from service.conversations.repository import RESOURCE_FIELDS
 from service.migrations import (
     MIGRATION_LOCK_KEY,
     Migration,
@@ -23,7 +24,6 @@ from service.migrations import (
     migrate,
     pending_migrations,
 )
-from service.repository import RESOURCE_FIELDS
 from service.settings import ConfigError, load_auth_settings, load_settings
 from tests.conftest import TEST_SECRET
 from tests.error_bodies import error_body

@@ -5,7 +5,7 @@ from pathlib import Path
 import orjson
 from openapi_spec_validator import validate
 
-from service.openapi import build_openapi, render_openapi
+from service.api.openapi import build_openapi, render_openapi
 
 COMMITTED = Path(__file__).parent.parent / "docs" / "openapi.json"
 

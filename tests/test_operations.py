@@ -14,11 +14,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
-from service.auth import mint_token
-from service.broker import Broker
+from service.api.app import create_app
+from service.api.auth import mint_token
+from service.events.broker import Broker
+from service.events.relay import Relay
 from service.logs import AccessLogger, JsonFormatter
-from service.relay import Relay
 from tests.events_support import amqp_url
 from tests.proxy import free_port
 

@@ -1,7 +1,7 @@
 """Pool connections are released without asyncpg's reset query, so requests must leave no
 session state behind on them: this proves it for every kind of request the API serves."""
 
-from service.keys import DB_POOL
+from service.api.keys import DB_POOL
 
 SESSION_STATE = """
 SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())

@@ -7,12 +7,10 @@ from typing import Literal
 import asyncpg
 from aiohttp import web
 
-from service import handlers, probes
-from service.auth import TokenVerifier
-from service.bodies import MAX_BODY_BYTES
-from service.errors import DATABASE_UNAVAILABLE
-from service.events import events_running
-from service.keys import (
+from service.api import handlers, probes
+from service.api.auth import TokenVerifier
+from service.api.bodies import MAX_BODY_BYTES
+from service.api.keys import (
     DB_POOL,
     EVENTS,
     LIFECYCLE,
@@ -23,14 +21,16 @@ from service.keys import (
     TOKEN_VERIFIER,
     Lifecycle,
 )
-from service.metrics import Metrics
-from service.middleware import (
+from service.api.middleware import (
     auth_middleware,
     error_middleware,
     metrics_middleware,
     request_id_middleware,
 )
-from service.openapi import render_openapi
+from service.api.openapi import render_openapi
+from service.errors import DATABASE_UNAVAILABLE
+from service.events.runtime import events_running
+from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

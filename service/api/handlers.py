@@ -10,12 +10,12 @@ from aiohttp import web
 
 from schemas import ConversationCreateSchema, ConversationListQuerySchema, ConversationUpdateSchema
 from schemas.fields import CONVERSATION_ID_PATTERN, TRACEPARENT_PATTERN
-from service import conversations
-from service.bodies import load_query, read_body
-from service.conversations import ConversationNotFound, IfMatch, VersionMismatch
+from service.api.bodies import load_query, read_body
+from service.api.keys import DB_POOL, PRINCIPAL
+from service.conversations import operations
+from service.conversations.operations import ConversationNotFound, IfMatch, VersionMismatch
+from service.conversations.repository import ListFilter, StoredConversation
 from service.errors import ApiError, not_found
-from service.keys import DB_POOL, PRINCIPAL
-from service.repository import ListFilter, StoredConversation
 
 _create_schema = ConversationCreateSchema()
 _update_schema = ConversationUpdateSchema()
@@ -77,7 +77,7 @@ async def list_conversations(request: web.Request) -> web.Response:
     query = load_query(_list_query_schema, request.query)
     if "starting_after" in query and "ending_before" in query:
         raise ApiError(400, "Use starting_after or ending_before, not both.", param="ending_before")
-    page = await conversations.list_page(
+    page = await operations.list_page(
         request.app[DB_POOL],
         request[PRINCIPAL].account_id,
         ListFilter(
@@ -99,7 +99,7 @@ async def list_conversations(request: web.Request) -> web.Response:
 async def create_conversation(request: web.Request) -> web.Response:
     """POST /v1/conversations: 201 and the new conversation, or 200 and the existing one."""
     fields = await read_body(request, _create_schema)
-    conversation, created = await conversations.create(
+    conversation, created = await operations.create(
         request.app[DB_POOL], request[PRINCIPAL].account_id, fields, _traceparent(request)
     )
     if not created:
@@ -111,7 +111,7 @@ async def create_conversation(request: web.Request) -> web.Response:
 async def retrieve_conversation(request: web.Request) -> web.Response:
     """GET /v1/conversations/{id}."""
     with _domain_errors():
-        conversation = await conversations.get(
+        conversation = await operations.get(
             request.app[DB_POOL], request[PRINCIPAL].account_id, _path_id(request)
         )
     return _conversation_response(conversation)
@@ -122,7 +122,7 @@ async def update_conversation(request: web.Request) -> web.Response:
     conversation_id = _path_id(request)
     changes = await read_body(request, _update_schema)
     with _domain_errors():
-        conversation = await conversations.update(
+        conversation = await operations.update(
             request.app[DB_POOL],
             request[PRINCIPAL].account_id,
             conversation_id,
@@ -137,7 +137,7 @@ async def delete_conversation(request: web.Request) -> web.Response:
     """DELETE /v1/conversations/{id}: permanent."""
     conversation_id = _path_id(request)
     with _domain_errors():
-        await conversations.delete(
+        await operations.delete(
             request.app[DB_POOL],
             request[PRINCIPAL].account_id,
             conversation_id,

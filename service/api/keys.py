@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import asyncpg
 from aiohttp import web
 
-from service.auth import Principal, TokenVerifier
-from service.events import Events
+from service.api.auth import Principal, TokenVerifier
+from service.events.runtime import Events
 from service.metrics import Metrics
 from service.settings import Settings
 

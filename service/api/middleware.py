@@ -11,9 +11,9 @@ import orjson
 from aiohttp import web
 from marshmallow import ValidationError
 
-from service.auth import READ_SCOPE, WRITE_SCOPE, InvalidToken
+from service.api.auth import READ_SCOPE, WRITE_SCOPE, InvalidToken
+from service.api.keys import METRICS, PRINCIPAL, REQUEST_ID, SETTINGS, TOKEN_VERIFIER
 from service.errors import DATABASE_UNAVAILABLE, ApiError, error_type, validation_error
-from service.keys import METRICS, PRINCIPAL, REQUEST_ID, SETTINGS, TOKEN_VERIFIER
 from service.logs import REQUEST_ID_VAR, route_template
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -7,9 +7,9 @@ import hmac
 import asyncpg
 from aiohttp import web
 
+from service.api.handlers import json_response
+from service.api.keys import DB_POOL, EVENTS, LIFECYCLE, METRICS, OPENAPI_DOCUMENT, SETTINGS
 from service.errors import DATABASE_UNAVAILABLE, ApiError
-from service.handlers import json_response
-from service.keys import DB_POOL, EVENTS, LIFECYCLE, METRICS, OPENAPI_DOCUMENT, SETTINGS
 from service.migrations import pending_migrations
 
 # A readiness probe must answer before the kubelet's own timeout, even with the database hung.

@@ -9,9 +9,9 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from service import outbox, repository
-from service.ids import new_id
-from service.repository import ListFilter, StoredConversation
+from service.conversations import outbox, repository
+from service.conversations.ids import new_id
+from service.conversations.repository import ListFilter, StoredConversation
 
 T = TypeVar("T")
 

@@ -5,8 +5,8 @@ from typing import Any
 
 import orjson
 
-from service.ids import new_id
-from service.repository import StoredConversation
+from service.conversations.ids import new_id
+from service.conversations.repository import StoredConversation
 
 CREATED = "conversation.created"
 UPDATED = "conversation.updated"

@@ -9,7 +9,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from schemas.event import EVENT_TYPES, EventHeadersSchema, EventSchema
 
 VERSION = "1.0.0"
-# The exchange's default name (EVENTS_EXCHANGE); declared by service/broker.py.
+# The exchange's default name (EVENTS_EXCHANGE); declared by service/events/broker.py.
 EXCHANGE = "conversations"
 # The version of the AMQP bindings (github.com/asyncapi/bindings, amqp/) the objects follow.
 AMQP_BINDING_VERSION = "0.3.0"

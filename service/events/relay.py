@@ -15,8 +15,8 @@ import aio_pika
 import asyncpg
 
 from service.backoff import Backoff, sleep_unless
-from service.broker import BROKER_UNAVAILABLE, Broker
 from service.errors import DATABASE_UNAVAILABLE
+from service.events.broker import BROKER_UNAVAILABLE, Broker
 from service.metrics import Metrics
 from service.settings import EventSettings
 

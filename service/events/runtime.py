@@ -6,9 +6,9 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from service.broker import Broker
+from service.events.broker import Broker
+from service.events.relay import Relay
 from service.metrics import Metrics
-from service.relay import Relay
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

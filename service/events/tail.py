@@ -6,7 +6,7 @@ from typing import TextIO
 
 import aio_pika
 
-from service.broker import declare_topology
+from service.events.broker import declare_topology
 
 
 async def tail(

@@ -17,7 +17,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from service.broker import declare_topology
+from service.events.broker import declare_topology
 from tests.bench.load import LoadResult, percentile
 
 EXCHANGE = "conversations_bench"

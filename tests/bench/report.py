@@ -219,10 +219,10 @@ $commands
   (`conversations migrate`, then COPY), so each run measures the same data, with no rows or
   dead tuples left by an earlier run's writes; seeding takes about 3 s per 100,000 rows. 1,000
   accounts of 100 conversations and `acct_large` with 1,000,000 (quick: 100,000); ids from
-  `service.ids.new_id` with increasing times, 10% group conversations, some pinned, muted,
-  archived; then VACUUM ANALYZE. Tokens come from `service.auth.mint_token` with the
+  `service.conversations.ids.new_id` with increasing times, 10% group conversations, some pinned, muted,
+  archived; then VACUUM ANALYZE. Tokens come from `service.api.auth.mint_token` with the
   service's secret.
-- **pgbench** runs the service's own SQL, copied by hand from `service/repository.py` into
+- **pgbench** runs the service's own SQL, copied by hand from `service/conversations/repository.py` into
   `tests/bench/pgbench/` (when those statements change, the scripts follow): a POST is one
   statement, the row and its outbox row in a CTE; a PUT reads the row, then updates it where
   its version is still the one read, with the outbox row in the same statement. pgbench cannot

@@ -17,9 +17,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from service.auth import READ_SCOPE, WRITE_SCOPE, mint_token
-from service.ids import new_id
-from service.repository import RESOURCE_FIELDS
+from service.api.auth import READ_SCOPE, WRITE_SCOPE, mint_token
+from service.conversations.ids import new_id
+from service.conversations.repository import RESOURCE_FIELDS
 from service.settings import AuthSettings
 
 BENCH_DATABASE = "conversations_bench"

@@ -17,8 +17,8 @@ import asyncpg
 import orjson
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 
-from service.auth import READ_SCOPE, InvalidToken, Principal, TokenVerifier
-from service.repository import RESOURCE_FIELDS, SELECT_BY_ID
+from service.api.auth import READ_SCOPE, InvalidToken, Principal, TokenVerifier
+from service.conversations.repository import RESOURCE_FIELDS, SELECT_BY_ID
 from service.settings import load_auth_settings
 
 verifier = TokenVerifier(load_auth_settings())

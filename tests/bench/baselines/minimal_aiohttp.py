@@ -19,7 +19,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from service.repository import RESOURCE_FIELDS, SELECT_BY_ID
+from service.conversations.repository import RESOURCE_FIELDS, SELECT_BY_ID
 
 POOL = web.AppKey("pool", asyncpg.Pool)
 

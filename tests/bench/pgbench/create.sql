@@ -3,7 +3,7 @@
 -- new contact in a random account. The id is 'P' and 15 hex digits of a random 60-bit number
 -- (valid for the id CHECK), the contact id derives from the same number; the envelope is a
 -- constant of the service's size (about 600 bytes; a space after each colon, or pgbench would
--- read `:name` in it as a variable). Mirrors service/repository.py by hand: follow it there.
+-- read `:name` in it as a variable). Mirrors service/conversations/repository.py by hand: follow it there.
 \set a random(1, :accounts)
 \set u random(1, 1152921504606846975)
 WITH changed AS (

@@ -4,7 +4,7 @@
 -- targets. The SELECT joins bench_targets to pick row :n (pgbench cannot read ids from a file)
 -- and keeps the key and version for the next statement (\gset). The UPDATE sets is_muted and
 -- the version (the service also writes the five other writable fields, unchanged: the same row
--- and tuple size). Mirrors service/repository.py by hand: follow it there.
+-- and tuple size). Mirrors service/conversations/repository.py by hand: follow it there.
 \set n random(1, :targets)
 SELECT c.account_id AS acct, c.id AS cid, c.version AS ver,
        c.contact_id, c.group_id, c.pinned_message_id, c.is_pinned, c.is_muted,
