@@ -25,7 +25,10 @@ else
 fi
 
 printf 'install-packages: installing Debian packages: %s\n' "$*" >&2
+# Another install (the system's, or a second checkout's) may hold dpkg's lock: wait for it
+# rather than fail at once.
+lock_wait=(-o DPkg::Lock::Timeout=300)
 # apt's chatter goes to stderr: callers such as `services.sh env` keep stdout for their own output.
-"${as_root[@]}" apt-get update -q >&2
+"${as_root[@]}" apt-get "${lock_wait[@]}" update -q >&2
 "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -q --no-install-recommends "$@" >&2
+    apt-get "${lock_wait[@]}" install -y -q --no-install-recommends "$@" >&2
