@@ -1,0 +1,79 @@
+"""Housekeeping: rows past their retention removed periodically, in bounded batches, by one
+replica at a time.
+
+Each cleanup is one statement that removes at most `$1` rows (further parameters follow) and
+returns how many it removed; it runs again until a batch comes back short. Every batch is its
+own short transaction, so no lock or snapshot is held for long, and an interrupted run loses
+nothing: the next one carries on.
+"""
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from service.errors import DATABASE_UNAVAILABLE
+
+log = logging.getLogger(__name__)
+
+# Session-level advisory lock held by the replica running the cleanups ("convhous").
+HOUSEKEEPING_LOCK_KEY = 0x636F6E76_686F7573
+INTERVAL_SECONDS = 60.0
+BATCH_SIZE = 1000
+TRY_LOCK = "SELECT pg_try_advisory_lock($1)"
+UNLOCK = "SELECT pg_advisory_unlock($1)"
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    """A named batched delete: `statement` removes at most `$1` rows and returns the count;
+    `arguments` are its `$2`, `$3`, ..."""
+
+    name: str
+    statement: str
+    arguments: tuple[object, ...] = ()
+
+
+async def run_once(
+    pool: asyncpg.Pool, cleanups: Sequence[Cleanup], *, batch_size: int = BATCH_SIZE
+) -> dict[str, int] | None:
+    """Run every cleanup to the end; how many rows each removed, or None if another replica
+    holds the lock (it is doing the same work)."""
+    async with pool.acquire() as conn:
+        if not await conn.fetchval(TRY_LOCK, HOUSEKEEPING_LOCK_KEY):
+            return None
+        try:
+            removed = {}
+            for cleanup in cleanups:
+                removed[cleanup.name] = 0
+                while True:
+                    count = await conn.fetchval(cleanup.statement, batch_size, *cleanup.arguments)
+                    removed[cleanup.name] += count
+                    if count < batch_size:
+                        break
+                if removed[cleanup.name]:
+                    log.info(
+                        "housekeeping: %s: removed %d rows", cleanup.name, removed[cleanup.name]
+                    )
+        finally:
+            # A pool connection must come back without session state (see PooledConnection).
+            await conn.execute(UNLOCK, HOUSEKEEPING_LOCK_KEY)
+    return removed
+
+
+async def run_periodically(
+    pool: asyncpg.Pool, cleanups: Sequence[Cleanup], *, interval: float = INTERVAL_SECONDS
+) -> None:
+    """`run_once` every `interval` seconds (jittered, so replicas spread out) until cancelled;
+    a database outage is logged and waited out."""
+    while True:
+        await asyncio.sleep(interval * random.uniform(0.5, 1.5))  # noqa: S311  # not cryptography
+        try:
+            await run_once(pool, cleanups)
+        except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as error:
+            log.warning(
+                "housekeeping failed (%s); next run in about %.0fs", type(error).__name__, interval
+            )
