@@ -116,35 +116,43 @@ class ChangesPage:
 
 
 _LIVE = ", ".join(RESOURCE_FIELDS)
-# A tombstone keeps only the id; the other columns take the live branch's types.
-_GONE = ", ".join("id" if field == "id" else f"NULL AS {field}" for field in RESOURCE_FIELDS)
-# One statement, so one snapshot: its xmin (the horizon) and the items read under it. Both
-# branches are range scans of an index on (account_id, position, id), merged in that order.
-# $2, $3: read after this (position, id); $4: how many; $5: deletions from this position only
-# (NULL: from the horizon, for a walk from nothing).
+
+
+def _columns(id_column: str) -> str:
+    """The resource's columns with `id_column` as the id and NULL for the others; in a UNION
+    they take the live branch's types."""
+    return ", ".join(
+        id_column if field == "id" else f"NULL AS {field}" for field in RESOURCE_FIELDS
+    )
+
+
+# One statement, so one snapshot: a header row (deleted NULL) with the snapshot's xmin (the
+# horizon) as its position and how far tombstones were removed as its id, then the items read
+# under that snapshot. Both item branches are range scans of an index on (account_id,
+# position, id), merged in that order. $2, $3: read after this (position, id); $4: how many;
+# $5: deletions from this position only (NULL: from the horizon, for a walk from nothing).
 SELECT_CHANGES = f"""
-WITH horizon AS (
-    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin,
-           (SELECT through_position FROM conversation_tombstones_removed) AS removed_through
-)
-SELECT h.xmin AS horizon, h.removed_through, c.*
-FROM horizon h
-LEFT JOIN LATERAL (
+WITH horizon AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin)
+SELECT xmin AS position, NULL::boolean AS deleted,
+       {_columns("(SELECT through_position FROM conversation_tombstones_removed)::text AS id")}
+FROM horizon
+UNION ALL
+(
     (SELECT change_xid AS position, false AS deleted, {_LIVE}
      FROM conversations
      WHERE account_id = $1 AND (change_xid, id) > ($2::xid8, $3::text)
      ORDER BY change_xid, id
      LIMIT $4)
     UNION ALL
-    (SELECT position, true AS deleted, {_GONE}
+    (SELECT position, true AS deleted, {_columns("id")}
      FROM conversation_tombstones
      WHERE account_id = $1 AND (position, id) > ($2::xid8, $3::text)
-       AND position >= coalesce($5::xid8, h.xmin)
+       AND position >= coalesce($5::xid8, (SELECT xmin FROM horizon))
      ORDER BY position, id
      LIMIT $4)
     ORDER BY position, id
     LIMIT $4
-) c ON true
+)
 """  # noqa: S608  # built from constant column lists; values are $n parameters
 
 
@@ -169,9 +177,9 @@ async def _read(
     # of its first page), nothing was ever delivered.
     deletions_from = (None if token.starts_walk else token.floor) if token.fresh else 0
     records = await conn.fetch(SELECT_CHANGES, account_id, *after, limit, deletions_from)
-    first = records[0]
-    rows = [record for record in records if record["id"] is not None]
-    return _Read(first["horizon"], first["removed_through"], rows)
+    header = next(record for record in records if record["deleted"] is None)
+    rows = [record for record in records if record["deleted"] is not None]
+    return _Read(header["position"], int(header["id"]), rows)
 
 
 def _check_current(token: SyncToken, read: _Read) -> None:
