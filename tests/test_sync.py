@@ -4,6 +4,7 @@ converge, and tokens are checked (malformed 422, past the retention 410)."""
 
 import asyncio
 import base64
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from schemas import ConversationChangesSchema
+from service.api.app import create_app, housekeeping_task
 from service.conversations import housekeeping, outbox, repository, sync
 from service.conversations.ids import new_id
 from service.conversations.repository import RESOURCE_FIELDS, StoredConversation
@@ -573,7 +575,7 @@ async def test_housekeeping_runs_on_one_replica_at_a_time(db, db_url):
     assert await expire_tombstones(db_url) is None
     await db.execute("SELECT pg_advisory_unlock($1)", housekeeping.HOUSEKEEPING_LOCK_KEY)
     assert await expire_tombstones(db_url) == {"expired sync tombstones": 0}
-    # The lock went back with the connection: another session can take it.
+    # The lock ended with each batch's transaction: another session can take it.
     assert await db.fetchval("SELECT pg_try_advisory_lock($1)", housekeeping.HOUSEKEEPING_LOCK_KEY)
 
 
@@ -595,3 +597,29 @@ async def test_the_sync_read_is_an_index_range_scan(db):
         assert "Index Scan using conversations_account_change_idx" in plan, plan
         assert "Scan on conversations " not in plan, plan  # no sequential or bitmap scan
         assert "Sort  (" not in plan, plan  # pages merge in index order, never sorted
+
+
+async def test_the_periodic_job_removes_expired_tombstones(db, db_url):
+    await db.execute(
+        """INSERT INTO conversation_tombstones (account_id, id, deleted_at)
+           VALUES ('acct_x', '0000000000000001', now() - interval '40 days')"""
+    )
+    async with asyncpg.create_pool(db_url, min_size=1, max_size=1) as pool:
+        job = asyncio.create_task(
+            housekeeping.run_periodically(pool, [sync.expired_tombstones(RETENTION)], interval=0.05)
+        )
+        try:
+            for _ in range(200):
+                if not await db.fetchval("SELECT count(*) FROM conversation_tombstones"):
+                    break
+                await asyncio.sleep(0.05)
+            assert await db.fetchval("SELECT count(*) FROM conversation_tombstones") == 0
+        finally:
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+
+
+def test_serve_runs_housekeeping_and_the_relay_role_does_not(settings):
+    assert housekeeping_task in create_app(settings).cleanup_ctx
+    assert housekeeping_task not in create_app(settings, role="relay").cleanup_ctx

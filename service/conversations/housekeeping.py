@@ -3,8 +3,8 @@ replica at a time.
 
 Each cleanup is one statement that removes at most `$1` rows (further parameters follow) and
 returns how many it removed; it runs again until a batch comes back short. Every batch is its
-own short transaction, so no lock or snapshot is held for long, and an interrupted run loses
-nothing: the next one carries on.
+own short transaction holding the housekeeping lock, so no lock or snapshot is held for long,
+and an interrupted run loses nothing: the next one carries on.
 """
 
 import asyncio
@@ -19,12 +19,12 @@ from service.errors import DATABASE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
-# Session-level advisory lock held by the replica running the cleanups ("convhous").
+# Advisory lock of the replica running a cleanup batch ("convhous"). Transaction-level, so a pool
+# connection keeps no session state (and PgBouncer in transaction mode stays safe).
 HOUSEKEEPING_LOCK_KEY = 0x636F6E76_686F7573
 INTERVAL_SECONDS = 60.0
 BATCH_SIZE = 1000
-TRY_LOCK = "SELECT pg_try_advisory_lock($1)"
-UNLOCK = "SELECT pg_advisory_unlock($1)"
+TRY_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
 
 
 @dataclass(frozen=True)
@@ -40,27 +40,21 @@ class Cleanup:
 async def run_once(
     pool: asyncpg.Pool, cleanups: Sequence[Cleanup], *, batch_size: int = BATCH_SIZE
 ) -> dict[str, int] | None:
-    """Run every cleanup to the end; how many rows each removed, or None if another replica
-    holds the lock (it is doing the same work)."""
+    """Run every cleanup to the end; how many rows each removed, or None as soon as another
+    replica holds the lock (it is doing the same work)."""
+    removed = {cleanup.name: 0 for cleanup in cleanups}
     async with pool.acquire() as conn:
-        if not await conn.fetchval(TRY_LOCK, HOUSEKEEPING_LOCK_KEY):
-            return None
-        try:
-            removed = {}
-            for cleanup in cleanups:
-                removed[cleanup.name] = 0
-                while True:
+        for cleanup in cleanups:
+            while True:
+                async with conn.transaction():
+                    if not await conn.fetchval(TRY_LOCK, HOUSEKEEPING_LOCK_KEY):
+                        return None
                     count = await conn.fetchval(cleanup.statement, batch_size, *cleanup.arguments)
-                    removed[cleanup.name] += count
-                    if count < batch_size:
-                        break
-                if removed[cleanup.name]:
-                    log.info(
-                        "housekeeping: %s: removed %d rows", cleanup.name, removed[cleanup.name]
-                    )
-        finally:
-            # A pool connection must come back without session state (see PooledConnection).
-            await conn.execute(UNLOCK, HOUSEKEEPING_LOCK_KEY)
+                removed[cleanup.name] += count
+                if count < batch_size:
+                    break
+            if removed[cleanup.name]:
+                log.info("housekeeping: %s: removed %d rows", cleanup.name, removed[cleanup.name])
     return removed
 
 
