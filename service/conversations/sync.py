@@ -1,7 +1,7 @@
 """Delta sync: an account's changes since a token, in an order a late commit cannot overtake.
 
 A change's position is the id of the transaction that wrote it (`change_xid` on the row, the
-`position` of a deletion's tombstone). Positions are handed out when transactions start, not
+`position` of a deletion's tombstone). Transactions get their ids when they first write, not
 when they commit, so a walk reads a snapshot's xmin with every page: every transaction below it
 has ended, so nothing can still commit there. The token remembers the walk's floor (the xmin of
 its first page) and the last (position, id) delivered; docs/architecture.md ("Delta sync") has
