@@ -142,6 +142,7 @@ whatever else runs on it; the ratios are what the targets are about.
 make bench                               # the full run (about 8 minutes here); rewrites this file
 BENCH_QUICK=1 make bench                 # a short run (about 2 minutes): less data, 5 s runs
 BENCH_QUICK=1 BENCH_PROFILE=1 make bench # the short run with the profile (the full run has it)
+BENCH_QUICK=1 BENCH_ONLY="sync writes" make bench  # only these scenarios; prints, keeps this file
 ```
 
 It needs what `make run` needs (it starts the local PostgreSQL and RabbitMQ the same way), and

@@ -59,8 +59,6 @@ MIXED_WRITE_SHARE = 0.2  # tests/bench/wrk/mixed.lua: 10% POST, 10% PUT
 REQUIRED_VARIABLES = ("DATABASE_URL", "AMQP_URL", "JWT_HS256_SECRETS")
 SYNC_PAGE = 1000
 SYNC_WALK_ROUNDS = 2
-# Scenarios that `--only` can run alone, against the service only (no peers, no document).
-ALONE = ("writes", "sync")
 
 
 _OUTCOME = {True: "target met", False: "TARGET NOT MET", None: "for scale, no target"}
@@ -514,6 +512,13 @@ async def scenario_relay(bench: Bench, server: Server, sink: AbstractQueue) -> N
     bench.check(limit_check("relay_latency", "4", what, events.load.p99_ms, 50, "ms"))
 
 
+# Scenarios that `--only` can run alone, against the service only (no peers, no document).
+ALONE: dict[str, Callable[[Bench, Server], Awaitable[None]]] = {
+    "writes": scenario_writes,
+    "sync": scenario_sync,
+}
+
+
 def _rate_only(rate: float, count: int) -> LoadResult:
     return LoadResult(rate, float("nan"), float("nan"), count, 0)
 
@@ -611,7 +616,7 @@ async def main(plan: Plan) -> None:
     if plan.only:
         async with service(bench) as server:
             for name in plan.only:
-                await {"writes": scenario_writes, "sync": scenario_sync}[name](bench, server)
+                await ALONE[name](bench, server)
         print()
         print(report.measurements_table(bench.measurements))
         print()
@@ -666,7 +671,7 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--profile", action="store_true", help="profile in quick mode too (py-spy)")
     parser.add_argument(
         "--only",
-        choices=ALONE,
+        choices=sorted(ALONE),
         action="append",
         default=[],
         help="run only this scenario against the service (repeatable); prints, writes no document",
