@@ -5,6 +5,7 @@ converge, and tokens are checked (malformed 422, past the retention 410)."""
 import asyncio
 import base64
 import contextlib
+import random
 import time
 import uuid
 from typing import Any
@@ -41,7 +42,7 @@ def apply(copy: Copy, items: list[dict[str, Any]]) -> None:
 STATE = f"SELECT {', '.join(RESOURCE_FIELDS)} FROM conversations WHERE account_id = $1"  # noqa: S608
 
 
-async def state(db: asyncpg.Connection, account: str) -> Copy:
+async def state(db: asyncpg.Connection | asyncpg.Pool, account: str) -> Copy:
     """The account as a direct read sees it."""
     rows = await db.fetch(STATE, account)
     return {row["id"]: dict(row) for row in rows}
@@ -270,6 +271,74 @@ async def test_a_transaction_held_open_across_many_pages_is_not_skipped(
     token, _ = await walk(client, headers, copy, since=token, limit=2)
     assert copy == await state(db, account)
     assert copy[made[0]["id"]]["is_muted"] is True
+
+
+async def test_concurrent_writers_with_held_locks_converge_over_http(
+    client, headers, db, db_url, account
+):
+    """Writers over HTTP while another session keeps taking row locks (so that writes wait
+    inside their statement, with their transaction id already taken, and commit late), and a
+    client syncing in small pages all along: after the last write, a walk equals the account."""
+    contacts = [f"ct_{n}" for n in range(12)]
+    for contact in contacts:
+        await create(client, headers, contact)
+    copy: Copy = {}
+    token, _ = await walk(client, headers, copy)
+    writing = True
+    rng = random.Random(11)
+
+    async def writer(seed: int, reader: asyncpg.Pool) -> None:
+        own = random.Random(seed)
+        for _ in range(30):
+            ids = list(await state(reader, account))
+            action = own.choice(["patch", "patch", "delete", "create"])
+            if action == "create" or not ids:
+                resp = await client.post(
+                    "/v1/conversations", json={"contact_id": own.choice(contacts)}, headers=headers
+                )
+                assert resp.status in (200, 201)
+            elif action == "patch":
+                resp = await client.patch(
+                    f"/v1/conversations/{own.choice(ids)}",
+                    json={"last_active_at": own.randrange(10**9)},
+                    headers=headers,
+                )
+                assert resp.status in (200, 404)
+            else:
+                resp = await client.delete(f"/v1/conversations/{own.choice(ids)}", headers=headers)
+                assert resp.status in (200, 404)
+
+    async def locker() -> None:
+        conn = await asyncpg.connect(db_url)
+        try:
+            while writing:
+                async with conn.transaction():
+                    await conn.fetch(
+                        "SELECT id FROM conversations WHERE account_id = $1 "
+                        "ORDER BY id LIMIT 3 OFFSET $2 FOR UPDATE",
+                        account,
+                        rng.randrange(8),
+                    )
+                    await asyncio.sleep(0.02)
+        finally:
+            await conn.close()
+
+    async def syncer() -> None:
+        nonlocal token
+        while writing:
+            body = await page(client, headers, since=token, limit=3)
+            apply(copy, body["data"])
+            token = body["next_since"]
+
+    background = [asyncio.create_task(locker()), asyncio.create_task(syncer())]
+    try:
+        async with asyncpg.create_pool(db_url, min_size=1, max_size=3) as reader:
+            await asyncio.gather(*(writer(seed, reader) for seed in range(3)))
+    finally:
+        writing = False
+        await asyncio.gather(*background)
+    token, _ = await walk(client, headers, copy, since=token, limit=3)
+    assert copy == await state(db, account)
 
 
 # --- random interleavings ----------------------------------------------------------------------
