@@ -130,6 +130,7 @@ async def get(
     return _stored(record) if record else None
 
 
+# change_xid: every change moves the row's delta-sync position (service/conversations/sync.py).
 UPDATE_CONVERSATION = _with_event(
     f"""
     UPDATE conversations
