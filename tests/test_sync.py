@@ -415,6 +415,11 @@ class Interleaving:
         )
         apply(self.copy, page.items)
         self.since = page.next_since
+        if limit > 100 and not page.has_more:
+            # Fewer changes than a page since the walk began: its last page read them all in
+            # one snapshot, so the copy is the committed state (nothing committed since).
+            async with self.pool.acquire() as conn:
+                assert self.copy == await state(conn, self.account)
 
     async def finish(self) -> None:
         """Every transaction ends; then a walk to the end must equal the account."""
