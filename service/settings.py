@@ -59,6 +59,11 @@ class Settings:
     auth: AuthSettings
     events: EventSettings
 
+    @property
+    def sync_retention_seconds(self) -> int:
+        """How long deletions are remembered for delta sync."""
+        return self.sync_retention_days * 86_400
+
 
 def _split_pem_blocks(text: str) -> tuple[str, ...]:
     """Several PEM public keys in one variable, one after the other (for key rotation)."""

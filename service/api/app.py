@@ -94,10 +94,8 @@ async def events(app: web.Application) -> AsyncIterator[None]:
 async def housekeeping_task(app: web.Application) -> AsyncIterator[None]:
     """Rows past their retention (sync tombstones) removed every minute or so, in bounded
     batches, by one API replica at a time (a PostgreSQL advisory lock)."""
-    retention = app[SETTINGS].sync_retention_days * 86_400
-    task = asyncio.create_task(
-        housekeeping.run_periodically(app[DB_POOL], [sync.expired_tombstones(retention)])
-    )
+    cleanups = [sync.expired_tombstones(app[SETTINGS].sync_retention_seconds)]
+    task = asyncio.create_task(housekeeping.run_periodically(app[DB_POOL], cleanups))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -111,7 +111,7 @@ async def list_changes(request: web.Request) -> web.Response:
             request[PRINCIPAL].account_id,
             query.get("since"),
             limit=query["limit"],
-            retention_seconds=request.app[SETTINGS].sync_retention_days * 86_400,
+            retention_seconds=request.app[SETTINGS].sync_retention_seconds,
         )
     except sync.MalformedSyncToken:
         message = "since is not a token this service issued for this account."

@@ -39,10 +39,13 @@ class StoredConversation:
     version: int
 
 
+def resource_of(record: asyncpg.Record) -> dict[str, Any]:
+    """The resource of a row read with the resource's columns."""
+    return {field: record[field] for field in RESOURCE_FIELDS}
+
+
 def _stored(record: asyncpg.Record) -> StoredConversation:
-    return StoredConversation(
-        {field: record[field] for field in RESOURCE_FIELDS}, record["version"]
-    )
+    return StoredConversation(resource_of(record), record["version"])
 
 
 def _with_event(change: str, first: int, *, also: str = "") -> str:

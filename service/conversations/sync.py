@@ -20,7 +20,7 @@ import asyncpg
 
 from service.conversations.housekeeping import Cleanup
 from service.conversations.ids import ALPHABET
-from service.conversations.repository import RESOURCE_FIELDS
+from service.conversations.repository import RESOURCE_FIELDS, resource_of
 
 _TOKEN_VERSION = 1
 # version, flags, floor, position, issued at (Unix seconds); then the id (0 or 16 bytes).
@@ -159,7 +159,7 @@ UNION ALL
 def _item(record: asyncpg.Record) -> dict[str, Any]:
     if record["deleted"]:
         return {"id": record["id"], "deleted": True}
-    return {field: record[field] for field in RESOURCE_FIELDS}
+    return resource_of(record)
 
 
 @dataclass(frozen=True, slots=True)
