@@ -697,3 +697,21 @@ async def test_the_periodic_job_removes_expired_tombstones(db, db_url):
 def test_serve_runs_housekeeping_and_the_relay_role_does_not(settings):
     assert housekeeping_task in create_app(settings).cleanup_ctx
     assert housekeeping_task not in create_app(settings, role="relay").cleanup_ctx
+
+
+async def test_the_periodic_job_outlives_a_failing_round(db_url, caplog):
+    failing = housekeeping.Cleanup("broken", "SELECT 1 / 0 + $1")
+    async with asyncpg.create_pool(db_url, min_size=1, max_size=1) as pool:
+        job = asyncio.create_task(housekeeping.run_periodically(pool, [failing], interval=0.02))
+        try:
+            for _ in range(200):
+                if sum("DivisionByZeroError" in r.getMessage() for r in caplog.records) >= 2:
+                    break
+                await asyncio.sleep(0.02)
+            failures = [r for r in caplog.records if "DivisionByZeroError" in r.getMessage()]
+            assert len(failures) >= 2  # it failed, and ran again
+            assert not job.done()
+        finally:
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job

@@ -62,12 +62,16 @@ async def run_periodically(
     pool: asyncpg.Pool, cleanups: Sequence[Cleanup], *, interval: float = INTERVAL_SECONDS
 ) -> None:
     """`run_once` every `interval` seconds (jittered, so replicas spread out) until cancelled;
-    a database outage is logged and waited out."""
+    a failed round (a database outage, most likely) is logged and the next one tries again."""
     while True:
         await asyncio.sleep(interval * random.uniform(0.5, 1.5))  # noqa: S311  # not cryptography
         try:
             await run_once(pool, cleanups)
-        except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as error:
-            log.warning(
-                "housekeeping failed (%s); next run in about %.0fs", type(error).__name__, interval
+        except Exception as error:  # the job must outlive a bad round; the type says what
+            level = logging.WARNING if isinstance(error, DATABASE_UNAVAILABLE) else logging.ERROR
+            log.log(
+                level,
+                "housekeeping failed (%s); next run in about %.0fs",
+                type(error).__name__,
+                interval,
             )
