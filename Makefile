@@ -9,6 +9,7 @@ PORT ?= 8080
 PYTEST_ARGS ?=
 BENCH_QUICK ?=
 BENCH_PROFILE ?=
+BENCH_ONLY ?=
 
 VENV := .venv
 SERVICES := deploy/dev/services.sh
@@ -115,7 +116,8 @@ lint: venv
 bench: venv services-up $(JWT_SECRET) $(BENCH_INSTALLED)
 	@command -v wrk >/dev/null || deploy/dev/install-packages.sh wrk
 	@$(WITH_ENV) $(VENV)/bin/python -m tests.bench.run \
-		$(if $(filter 1,$(BENCH_QUICK)),--quick) $(if $(filter 1,$(BENCH_PROFILE)),--profile)
+		$(if $(filter 1,$(BENCH_QUICK)),--quick) $(if $(filter 1,$(BENCH_PROFILE)),--profile) \
+		$(foreach scenario,$(BENCH_ONLY),--only $(scenario))
 
 # Services first: a stop that fails ends make here, before anything is deleted
 # under a running server. When PostgreSQL's files live in /var/tmp (see

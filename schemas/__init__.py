@@ -5,6 +5,8 @@ Importable by clients and subscribers without the server: nothing here imports `
 """
 
 from schemas.conversation import (
+    ConversationChangesQuerySchema,
+    ConversationChangesSchema,
     ConversationCreateSchema,
     ConversationListQuerySchema,
     ConversationListSchema,
@@ -16,6 +18,8 @@ from schemas.error import ErrorSchema
 from schemas.probe import HealthSchema, ReadinessSchema
 
 __all__ = [
+    "ConversationChangesQuerySchema",
+    "ConversationChangesSchema",
     "ConversationCreateSchema",
     "ConversationListQuerySchema",
     "ConversationListSchema",

@@ -124,3 +124,49 @@ class DeletedConversationSchema(Schema):
 
     id = conversation_id(required=True)
     deleted = fields.Boolean(required=True, metadata={"enum": [True]})
+
+
+class ConversationChangesQuerySchema(Schema):
+    """GET /v1/conversations/changes query string."""
+
+    class Meta:
+        unknown = RAISE
+
+    since = fields.String(
+        validate=validate.Length(1, 512),
+        metadata={
+            "description": "The `next_since` of the previous answer; absent: from the beginning."
+        },
+    )
+    limit = fields.Integer(
+        load_default=100,
+        validate=validate.Range(1, 1000, error="Must be between {min} and {max}."),
+    )
+
+
+class ConversationChange(fields.Field):
+    """One item of a sync page: the conversation as it is now, or its deletion."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        refs = ("#/components/schemas/Conversation", "#/components/schemas/DeletedConversation")
+        super().__init__(metadata={"oneOf": [{"$ref": ref} for ref in refs]}, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, dict) and value.get("deleted") is True:
+            return DeletedConversationSchema().load(value)
+        return ConversationSchema().load(value)
+
+
+class ConversationChangesSchema(Schema):
+    """A page of an account's changes since a token, in the order they were made."""
+
+    data = fields.List(ConversationChange(), required=True)
+    has_more = fields.Boolean(
+        required=True, metadata={"description": "Call again with next_since while true."}
+    )
+    next_since = fields.String(
+        required=True,
+        metadata={
+            "description": "Opaque token: the `since` of the next call, or of the next sync."
+        },
+    )

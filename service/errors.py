@@ -12,6 +12,7 @@ ERROR_TYPE_BY_STATUS = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request",
+    410: "invalid_request",
     412: "invalid_request",
     413: "invalid_request",
     415: "invalid_request",

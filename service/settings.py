@@ -55,8 +55,14 @@ class Settings:
     workers: int
     relay_http_port: int
     metrics_token: str | None
+    sync_retention_days: int
     auth: AuthSettings
     events: EventSettings
+
+    @property
+    def sync_retention_seconds(self) -> int:
+        """How long deletions are remembered for delta sync."""
+        return self.sync_retention_days * 86_400
 
 
 def _split_pem_blocks(text: str) -> tuple[str, ...]:
@@ -206,6 +212,7 @@ def load_settings() -> Settings:
         workers=env.int("WORKERS", 1, validate=validate.Range(1, 64)),
         relay_http_port=env.int("RELAY_HTTP_PORT", 9090, validate=validate.Range(1, 65535)),
         metrics_token=env.str("METRICS_TOKEN", None) or None,
+        sync_retention_days=env.int("SYNC_RETENTION_DAYS", 30, validate=validate.Range(1, 3650)),
         auth=_auth_settings(env),
         events=_event_settings(env),
     )

@@ -108,6 +108,7 @@ def settings(db_url: str, auth_settings: AuthSettings) -> Settings:
         workers=1,
         relay_http_port=0,
         metrics_token=None,
+        sync_retention_days=30,
         auth=auth_settings,
         events=EventSettings(
             amqp_url=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/"),

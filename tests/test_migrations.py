@@ -50,6 +50,7 @@ CONFIG_VARIABLES = [
     "RELAY_BATCH_SIZE",
     "RELAY_POLL_INTERVAL_SECONDS",
     "OUTBOX_RETENTION_HOURS",
+    "SYNC_RETENTION_DAYS",
 ]
 PASSWORD = "s3cr3t-Pa55word"
 URL_WITH_PASSWORD = f"postgresql://app:{PASSWORD}@db.example.test:5432/conversations"
@@ -122,7 +123,13 @@ async def test_the_schema_is_what_the_service_expects(conn):
             "select table_name from information_schema.tables where table_schema = 'public'"
         )
     }
-    assert tables == {"conversations", "outbox", "schema_migrations"}
+    assert tables == {
+        "conversations",
+        "conversation_tombstones",
+        "conversation_tombstones_removed",
+        "outbox",
+        "schema_migrations",
+    }
 
     rows = await conn.fetch(
         """select table_name, column_name, data_type, is_nullable, collation_name
@@ -150,6 +157,13 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "created_at": ("bigint", "NO"),
         "archived_at": ("bigint", "YES"),
         "version": ("bigint", "NO"),
+        "change_xid": ("xid8", "NO"),
+    }
+    assert shape("conversation_tombstones") == {
+        "account_id": ("text", "NO"),
+        "id": ("text", "NO"),
+        "position": ("xid8", "NO"),
+        "deleted_at": ("timestamp with time zone", "NO"),
     }
     assert set(RESOURCE_FIELDS) <= set(shape("conversations"))
     assert shape("outbox") == {
@@ -205,6 +219,18 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "(group_id IS NOT NULL)",
     )
     assert index("outbox_pending_idx") == ("outbox", False, ["id"], "(published_at IS NULL)")
+    assert index("conversations_account_change_idx") == (
+        "conversations",
+        False,
+        ["account_id", "change_xid", "id"],
+        None,
+    )
+    assert index("conversation_tombstones_pkey") == (
+        "conversation_tombstones",
+        True,
+        ["account_id", "position", "id"],
+        None,
+    )
 
 
 INSERT = """insert into conversations (account_id, id, contact_id, group_id, created_at)

@@ -1,5 +1,7 @@
 """The application factory: middlewares, routes and the resources' lifetimes."""
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -28,6 +30,7 @@ from service.api.middleware import (
     request_id_middleware,
 )
 from service.api.openapi import render_openapi
+from service.conversations import housekeeping, sync
 from service.errors import DATABASE_UNAVAILABLE
 from service.events.runtime import events_running
 from service.metrics import Metrics
@@ -88,6 +91,17 @@ async def events(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def housekeeping_task(app: web.Application) -> AsyncIterator[None]:
+    """Rows past their retention (sync tombstones) removed every minute or so, in bounded
+    batches, by one API replica at a time (a PostgreSQL advisory lock)."""
+    cleanups = [sync.expired_tombstones(app[SETTINGS].sync_retention_seconds)]
+    task = asyncio.create_task(housekeeping.run_periodically(app[DB_POOL], cleanups))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def stop_being_ready(app: web.Application) -> None:
     """First thing on SIGTERM: /readyz fails, so no new traffic is routed here."""
     app[LIFECYCLE].stopping = True
@@ -111,6 +125,8 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     app[OPENAPI_DOCUMENT] = render_openapi()
     app.cleanup_ctx.append(database_pool)
     app.cleanup_ctx.append(events)
+    if role == "api":
+        app.cleanup_ctx.append(housekeeping_task)
     app.on_shutdown.append(stop_being_ready)
 
     app.router.add_get("/healthz", probes.healthz)
@@ -121,6 +137,7 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     app.router.add_get("/openapi.json", probes.openapi_document)
     app.router.add_get("/v1/conversations", handlers.list_conversations)
     app.router.add_post("/v1/conversations", handlers.create_conversation)
+    app.router.add_get("/v1/conversations/changes", handlers.list_changes)
     item = app.router.add_resource("/v1/conversations/{id}", name="conversation")
     item.add_route("GET", handlers.retrieve_conversation)
     item.add_route("HEAD", handlers.retrieve_conversation)

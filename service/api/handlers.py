@@ -8,18 +8,24 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from schemas import ConversationCreateSchema, ConversationListQuerySchema, ConversationUpdateSchema
+from schemas import (
+    ConversationChangesQuerySchema,
+    ConversationCreateSchema,
+    ConversationListQuerySchema,
+    ConversationUpdateSchema,
+)
 from schemas.fields import CONVERSATION_ID_PATTERN, TRACEPARENT_PATTERN
 from service.api.bodies import load_query, read_body
-from service.api.keys import DB_POOL, PRINCIPAL
-from service.conversations import operations
+from service.api.keys import DB_POOL, PRINCIPAL, SETTINGS
+from service.conversations import operations, sync
 from service.conversations.operations import ConversationNotFound, IfMatch, VersionMismatch
 from service.conversations.repository import ListFilter, StoredConversation
-from service.errors import ApiError, not_found
+from service.errors import ApiError, not_found, validation_error
 
 _create_schema = ConversationCreateSchema()
 _update_schema = ConversationUpdateSchema()
 _list_query_schema = ConversationListQuerySchema()
+_changes_query_schema = ConversationChangesQuerySchema()
 _ID = re.compile(CONVERSATION_ID_PATTERN)
 _TRACEPARENT = re.compile(TRACEPARENT_PATTERN)
 
@@ -93,6 +99,31 @@ async def list_conversations(request: web.Request) -> web.Response:
     )
     return json_response(
         {"has_more": page.has_more, "data": [item.resource for item in page.conversations]}
+    )
+
+
+async def list_changes(request: web.Request) -> web.Response:
+    """GET /v1/conversations/changes: the account's changes since a token (delta sync)."""
+    query = load_query(_changes_query_schema, request.query)
+    try:
+        page = await sync.changes(
+            request.app[DB_POOL],
+            request[PRINCIPAL].account_id,
+            query.get("since"),
+            limit=query["limit"],
+            retention_seconds=request.app[SETTINGS].sync_retention_seconds,
+        )
+    except sync.MalformedSyncToken:
+        message = "since is not a token this service issued for this account."
+        raise validation_error({"since": [message]}) from None
+    except sync.ExpiredSyncToken:
+        raise ApiError(
+            410,
+            "The since token is older than the sync retention; start again without since.",
+            param="since",
+        ) from None
+    return json_response(
+        {"data": page.items, "has_more": page.has_more, "next_since": page.next_since}
     )
 
 

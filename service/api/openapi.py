@@ -7,6 +7,8 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 
 from schemas import (
+    ConversationChangesQuerySchema,
+    ConversationChangesSchema,
     ConversationCreateSchema,
     ConversationListQuerySchema,
     ConversationListSchema,
@@ -93,6 +95,7 @@ def build_openapi() -> dict[str, Any]:
         ("ConversationUpdate", ConversationUpdateSchema),
         ("ConversationList", ConversationListSchema),
         ("DeletedConversation", DeletedConversationSchema),
+        ("ConversationChanges", ConversationChangesSchema),
         ("Error", ErrorSchema),
         ("Health", HealthSchema),
         ("Readiness", ReadinessSchema),
@@ -124,6 +127,34 @@ def build_openapi() -> dict[str, Any]:
                     "201": _conversation("Created.", location=True),
                     "200": _conversation("The contact or group already has this conversation."),
                     **_BODY_ERRORS,
+                    **_COMMON_ERRORS,
+                },
+            },
+        },
+    )
+    spec.path(
+        path="/v1/conversations/changes",
+        operations={
+            "get": {
+                "summary": "Delta sync: the account's changes since a token",
+                "description": (
+                    "Call with `next_since` until `has_more` is false, then keep `next_since` "
+                    "for the next sync. Each item is the conversation as it is now, or "
+                    '`{"id", "deleted": true}`; a conversation may come more than once (the '
+                    "later item wins). A change that commits late is delivered late, never "
+                    "skipped."
+                ),
+                "operationId": "listConversationChanges",
+                "parameters": [{"in": "query", "schema": ConversationChangesQuerySchema}],
+                "responses": {
+                    "200": {
+                        "description": "A page of changes.",
+                        "content": {"application/json": {"schema": "ConversationChanges"}},
+                    },
+                    "410": _error(
+                        "since is older than the sync retention: start again without it."
+                    ),
+                    "422": _error("Invalid query parameter, or a since token that is not valid."),
                     **_COMMON_ERRORS,
                 },
             },

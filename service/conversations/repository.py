@@ -39,21 +39,25 @@ class StoredConversation:
     version: int
 
 
+def resource_of(record: asyncpg.Record) -> dict[str, Any]:
+    """The resource of a row read with the resource's columns."""
+    return {field: record[field] for field in RESOURCE_FIELDS}
+
+
 def _stored(record: asyncpg.Record) -> StoredConversation:
-    return StoredConversation(
-        {field: record[field] for field in RESOURCE_FIELDS}, record["version"]
-    )
+    return StoredConversation(resource_of(record), record["version"])
 
 
-def _with_event(change: str, first: int) -> str:
+def _with_event(change: str, first: int, *, also: str = "") -> str:
     """`change` (an INSERT, UPDATE or DELETE returning the row) and, if it touched a row, that
     change's outbox row, in one statement: one round trip, atomic without BEGIN/COMMIT.
 
-    The event's values are parameters `first` to `first + 6`, in `outbox.event_row` order.
+    The event's values are parameters `first` to `first + 6`, in `outbox.event_row` order;
+    `also` is any further data-modifying CTE on `changed` (a delete's tombstone).
     """
     n = first
     return f"""
-WITH changed AS ({change}),
+WITH changed AS ({change}),{also}
 event AS (
     INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload,
                         traceparent)
@@ -129,11 +133,13 @@ async def get(
     return _stored(record) if record else None
 
 
+# change_xid: every change moves the row's delta-sync position (service/conversations/sync.py).
 UPDATE_CONVERSATION = _with_event(
     f"""
     UPDATE conversations
     SET pinned_message_id = $4, is_pinned = $5, is_muted = $6,
-        last_active_at = $7, last_opened_at = $8, archived_at = $9, version = version + 1
+        last_active_at = $7, last_opened_at = $8, archived_at = $9, version = version + 1,
+        change_xid = pg_current_xact_id()
     WHERE account_id = $1 AND id = $2 AND version = $3
     RETURNING {_COLUMNS}""",
     10,
@@ -160,11 +166,14 @@ async def update(
     return _stored(record) if record else None
 
 
+# The tombstone's position is the deleting transaction's id (the column's default), as an update's.
 DELETE_CONVERSATION = _with_event(
     f"""
     DELETE FROM conversations WHERE account_id = $1 AND id = $2 AND version = $3
     RETURNING {_COLUMNS}""",
     4,
+    also="""
+tombstone AS (INSERT INTO conversation_tombstones (account_id, id) SELECT $1, id FROM changed),""",
 )
 
 

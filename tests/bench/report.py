@@ -108,6 +108,17 @@ WHY_MISSED = {
         "drains the backlog within seconds once the load stops. In production the relay has "
         "a pod (and cores) of its own."
     ),
+    "sync_walk_vs_list_walk": (
+        "Both walks read the same rows through the same pool, 1,000 a page, and encode them "
+        "alike; the sync read also merges the tombstones' index scan and reads the snapshot's "
+        "horizon, and builds each item from its record by name. A steady shortfall points at "
+        "the query plan (tests/test_sync.py checks it is two index range scans, merged)."
+    ),
+    "sync_empty_vs_list_page": (
+        "An incremental sync with nothing changed is one statement returning no item: two "
+        "index probes and the horizon, then the token encoded. Losing to a ten-item list page "
+        "would point at the token's decoding and digest, or at the statement's plan."
+    ),
     "mixed_rss": (
         "A worker's peak RSS over the mixed run passed 150 MB; the same worker's peaks in the "
         "earlier scenarios (measurements above) show whether it grows with load or with time."
@@ -131,6 +142,7 @@ whatever else runs on it; the ratios are what the targets are about.
 make bench                               # the full run (about 8 minutes here); rewrites this file
 BENCH_QUICK=1 make bench                 # a short run (about 2 minutes): less data, 5 s runs
 BENCH_QUICK=1 BENCH_PROFILE=1 make bench # the short run with the profile (the full run has it)
+BENCH_QUICK=1 BENCH_ONLY="sync writes" make bench  # only these scenarios; prints, keeps this file
 ```
 
 It needs what `make run` needs (it starts the local PostgreSQL and RabbitMQ the same way), and
@@ -206,6 +218,12 @@ $commands
    batch, 500, of the second quarter's; and an empty outbox within 10 s of the end), and each
    worker's peak RSS must stay under 150 MB. The relay's rate under this load is the write
    rate (20% of the requests) less the backlog's growth.
+6. **Delta sync.** In the harness (tests/bench/sync.py), the large account read whole twice
+   each way, 1,000 rows a page, through the domain operations the handlers call, each page
+   encoded as the handlers encode it: a keyset list walk and a delta-sync walk from nothing
+   (`GET /v1/conversations/changes`); the best round of each counts. Then, over HTTP, an
+   incremental sync with the token that walk ended with (nothing changed since) against the
+   list's first page, measured back to back.
 
 ## Set-up and decisions
 

@@ -42,6 +42,7 @@ from tests.bench.relay import (
 )
 from tests.bench.report import Check, Measurement
 from tests.bench.seed import BENCH_DATABASE, Dataset, SeedPlan, reset_muted, seed
+from tests.bench.sync import list_walk, sync_walk
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = ROOT / ".dev" / "bench"
@@ -56,6 +57,8 @@ BACKLOG_DRAIN_SECONDS = 10.0
 SERVICE_GET = "service GET /v1/conversations/{id}"
 MIXED_WRITE_SHARE = 0.2  # tests/bench/wrk/mixed.lua: 10% POST, 10% PUT
 REQUIRED_VARIABLES = ("DATABASE_URL", "AMQP_URL", "JWT_HS256_SECRETS")
+SYNC_PAGE = 1000
+SYNC_WALK_ROUNDS = 2
 
 
 _OUTCOME = {True: "target met", False: "TARGET NOT MET", None: "for scale, no target"}
@@ -74,6 +77,7 @@ class Plan:
     profile: bool
     rounds: int  # of scenario 1, whose targets use each subject's best round
     data: SeedPlan
+    only: tuple[str, ...] = ()  # run just these scenarios (of ALONE); docs/benchmarks.md is kept
 
 
 QUICK = Plan("quick", 5, 2, 15, 5, 20_000, False, 1, SeedPlan(1_000, 100, 100_000))
@@ -429,6 +433,47 @@ async def scenario_writes(bench: Bench, server: Server) -> None:
     bench.check(rate_check("put_vs_pgbench", "PUT / pgbench same SQL", put, put_tx, 0.5))
 
 
+async def scenario_sync(bench: Bench, server: Server) -> None:
+    """Scenario 6: a delta-sync walk of the large account against a keyset list walk at the same
+    page size, then an incremental sync with nothing changed against one list page."""
+    account = bench.dataset.accounts[0]
+    bench.say(f"scenario 6: delta sync, {SYNC_WALK_ROUNDS} walks each way of {account}")
+    bench.commands.note(
+        f"scenario 6, in the harness (tests/bench/sync.py): {SYNC_WALK_ROUNDS} list walks and "
+        f"{SYNC_WALK_ROUNDS} sync walks of {account}, {SYNC_PAGE} a page, alternating"
+    )
+    lists, syncs = [], []
+    async with asyncpg.create_pool(bench.dataset.database_url, min_size=1, max_size=2) as pool:
+        for _ in range(SYNC_WALK_ROUNDS):
+            lists.append(await list_walk(pool, account, SYNC_PAGE))
+            syncs.append(await sync_walk(pool, account, SYNC_PAGE))
+    list_rate, listed_rows = max(lists)
+    sync_rate, synced_rows, token = max(syncs)
+    listed = bench.add(
+        Measurement(
+            "6", f"list walk, {SYNC_PAGE} a page", _rate_only(list_rate, listed_rows), "rows/s"
+        )
+    )
+    synced = bench.add(
+        Measurement(
+            "6",
+            f"sync walk from nothing, {SYNC_PAGE} a page",
+            _rate_only(sync_rate, synced_rows),
+            "rows/s",
+        )
+    )
+    what = "sync walk / keyset list walk, same page size"
+    bench.check(rate_check("sync_walk_vs_list_walk", what, synced, listed, 0.8))
+    (bench.dataset.data_dir / "sync_token.txt").write_text(token + "\n")
+    seconds = bench.plan.seconds
+    empty = await measure(
+        bench, server, "6", "service sync, nothing changed", "sync_empty.lua", seconds
+    )
+    first = await measure(bench, server, "6", "service list, first page", "list_first.lua", seconds)
+    what = "incremental sync, nothing changed / list first page"
+    bench.check(rate_check("sync_empty_vs_list_page", what, empty, first, 1))
+
+
 async def scenario_relay(bench: Bench, server: Server, sink: AbstractQueue) -> None:
     """Scenario 4: relay throughput against a raw publisher, then commit-to-subscriber latency."""
     amqp_url = os.environ["AMQP_URL"]
@@ -465,6 +510,13 @@ async def scenario_relay(bench: Bench, server: Server, sink: AbstractQueue) -> N
     await sink.purge()
     what = f"commit-to-subscriber p99 at {rate} writes/s"
     bench.check(limit_check("relay_latency", "4", what, events.load.p99_ms, 50, "ms"))
+
+
+# Scenarios that `--only` can run alone, against the service only (no peers, no document).
+ALONE: dict[str, Callable[[Bench, Server], Awaitable[None]]] = {
+    "writes": scenario_writes,
+    "sync": scenario_sync,
+}
 
 
 def _rate_only(rate: float, count: int) -> LoadResult:
@@ -561,6 +613,15 @@ async def main(plan: Plan) -> None:
         f"seed (tests/bench/seed.py): drop and create {BENCH_DATABASE}, `conversations migrate`, "
         f"COPY {dataset.rows:,} rows, VACUUM ANALYZE"
     )
+    if plan.only:
+        async with service(bench) as server:
+            for name in plan.only:
+                await ALONE[name](bench, server)
+        print()
+        print(report.measurements_table(bench.measurements))
+        print()
+        print(report.targets_table(bench.checks))
+        return
     async with broker_sink(os.environ["AMQP_URL"]) as sink:
         rounds = await scenario_get_by_id(bench)
         async with service(bench) as server:
@@ -570,6 +631,7 @@ async def main(plan: Plan) -> None:
             if plan.profile:
                 bench.profile_text = await profile_get_by_id(bench, server)
             await scenario_list(bench, server, get)
+            await scenario_sync(bench, server)  # before the writes: nothing changes meanwhile
             await scenario_writes(bench, server)
             await scenario_relay(bench, server, sink)
             await scenario_mixed(bench, server)
@@ -607,9 +669,16 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     )
     parser.add_argument("--quick", action="store_true", help="less data and 5 s runs (under 3 min)")
     parser.add_argument("--profile", action="store_true", help="profile in quick mode too (py-spy)")
+    parser.add_argument(
+        "--only",
+        choices=sorted(ALONE),
+        action="append",
+        default=[],
+        help="run only this scenario against the service (repeatable); prints, writes no document",
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    return dataclasses.replace(plan, profile=plan.profile or args.profile)
+    return dataclasses.replace(plan, profile=plan.profile or args.profile, only=tuple(args.only))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 -- is still the one read and its outbox row in one statement) on a random one of the same
 -- targets. The SELECT joins bench_targets to pick row :n (pgbench cannot read ids from a file)
 -- and keeps the key and version for the next statement (\gset). The UPDATE sets is_muted and
--- the version (the service also writes the five other writable fields, unchanged: the same row
--- and tuple size). Mirrors service/conversations/repository.py by hand: follow it there.
+-- the version and the sync position (the service also writes the five other writable fields,
+-- unchanged: the same row and tuple size). Mirrors service/conversations/repository.py by hand:
+-- follow it there.
 \set n random(1, :targets)
 SELECT c.account_id AS acct, c.id AS cid, c.version AS ver,
        c.contact_id, c.group_id, c.pinned_message_id, c.is_pinned, c.is_muted,
@@ -14,7 +15,7 @@ JOIN conversations c ON c.account_id = t.account_id AND c.id = t.id
 WHERE t.n = :n \gset
 WITH changed AS (
     UPDATE conversations
-    SET is_muted = NOT is_muted, version = version + 1
+    SET is_muted = NOT is_muted, version = version + 1, change_xid = pg_current_xact_id()
     WHERE account_id = :acct AND id = :cid AND version = :ver::bigint
     RETURNING id, contact_id, group_id, pinned_message_id, is_pinned, is_muted, last_active_at,
               last_opened_at, created_at, archived_at, version),

@@ -39,6 +39,9 @@ function M.cursors()
     return data_lines("cursors.txt")
 end
 
+-- Any other file the harness wrote into BENCH_DATA_DIR, one entry a line.
+M.lines = data_lines
+
 -- X-Account-ID is for the minimal baseline only, which has no auth: the others ignore it.
 function M.get(account, path)
     return wrk.format("GET", path, {Authorization = account.auth, ["X-Account-ID"] = account.id})

@@ -1,0 +1,77 @@
+"""Housekeeping: rows past their retention removed periodically, in bounded batches, by one
+replica at a time.
+
+Each cleanup is one statement that removes at most `$1` rows (further parameters follow) and
+returns how many it removed; it runs again until a batch comes back short. Every batch is its
+own short transaction holding the housekeeping lock, so no lock or snapshot is held for long,
+and an interrupted run loses nothing: the next one carries on.
+"""
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from service.errors import DATABASE_UNAVAILABLE
+
+log = logging.getLogger(__name__)
+
+# Advisory lock of the replica running a cleanup batch ("convhous"). Transaction-level, so a pool
+# connection keeps no session state (and PgBouncer in transaction mode stays safe).
+HOUSEKEEPING_LOCK_KEY = 0x636F6E76_686F7573
+INTERVAL_SECONDS = 60.0
+BATCH_SIZE = 1000
+TRY_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    """A named batched delete: `statement` removes at most `$1` rows and returns the count;
+    `arguments` are its `$2`, `$3`, ..."""
+
+    name: str
+    statement: str
+    arguments: tuple[object, ...] = ()
+
+
+async def run_once(
+    pool: asyncpg.Pool, cleanups: Sequence[Cleanup], *, batch_size: int = BATCH_SIZE
+) -> dict[str, int] | None:
+    """Run every cleanup to the end; how many rows each removed, or None as soon as another
+    replica holds the lock (it is doing the same work)."""
+    removed = {cleanup.name: 0 for cleanup in cleanups}
+    async with pool.acquire() as conn:
+        for cleanup in cleanups:
+            while True:
+                async with conn.transaction():
+                    if not await conn.fetchval(TRY_LOCK, HOUSEKEEPING_LOCK_KEY):
+                        return None
+                    count = await conn.fetchval(cleanup.statement, batch_size, *cleanup.arguments)
+                removed[cleanup.name] += count
+                if count < batch_size:
+                    break
+            if removed[cleanup.name]:
+                log.info("housekeeping: %s: removed %d rows", cleanup.name, removed[cleanup.name])
+    return removed
+
+
+async def run_periodically(
+    pool: asyncpg.Pool, cleanups: Sequence[Cleanup], *, interval: float = INTERVAL_SECONDS
+) -> None:
+    """`run_once` every `interval` seconds (jittered, so replicas spread out) until cancelled;
+    a failed round (a database outage, most likely) is logged and the next one tries again."""
+    while True:
+        await asyncio.sleep(interval * random.uniform(0.5, 1.5))  # noqa: S311  # not cryptography
+        try:
+            await run_once(pool, cleanups)
+        except Exception as error:  # the job must outlive a bad round; the type says what
+            level = logging.WARNING if isinstance(error, DATABASE_UNAVAILABLE) else logging.ERROR
+            log.log(
+                level,
+                "housekeeping failed (%s); next run in about %.0fs",
+                type(error).__name__,
+                interval,
+            )
