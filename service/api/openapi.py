@@ -112,7 +112,7 @@ def build_openapi() -> dict[str, Any]:
         path="/v1/conversations",
         operations={
             "get": {
-                "summary": "List conversations, newest first",
+                "summary": "List conversations, newest first or by last activity",
                 "operationId": "listConversations",
                 "parameters": [{"in": "query", "schema": ConversationListQuerySchema}],
                 "responses": {
