@@ -8,12 +8,30 @@ from marshmallow import (
     Schema,
     ValidationError,
     fields,
+    post_load,
     pre_load,
     validate,
     validates_schema,
 )
 
-from schemas.fields import StrictBoolean, conversation_id, reference_id, timestamp
+from schemas import cursor
+from schemas.cursor import Sort
+from schemas.fields import (
+    METADATA_MAX_FILTERS,
+    METADATA_MAX_KEYS,
+    Metadata,
+    StrictBoolean,
+    conversation_id,
+    reference_id,
+    timestamp,
+)
+
+_METADATA_KEYS = "keys of 1 to 40 characters [A-Za-z0-9_.:-]"
+_METADATA_CHANGE = (
+    f"Metadata to set: at most {METADATA_MAX_KEYS} {_METADATA_KEYS} in all. On update, merged key by key: "
+    'a string sets the key, null or "" removes it, keys not named are kept. '
+    "In a form body: metadata[key]=value (an empty value removes the key)."
+)
 
 
 class ConversationSchema(Schema):
@@ -34,6 +52,13 @@ class ConversationSchema(Schema):
     last_opened_at = timestamp(required=True, allow_none=True)
     created_at = timestamp(required=True)
     archived_at = timestamp(required=True, allow_none=True)
+    metadata = Metadata(
+        required=True,
+        metadata={
+            "description": f"Labels of the caller's own: {_METADATA_KEYS}, string values; "
+            "{} when none."
+        },
+    )
 
 
 class _RequestBody(Schema):
@@ -66,6 +91,9 @@ class ConversationCreateSchema(_RequestBody):
     pinned_message_id = reference_id(load_default=None, allow_none=True)
     last_active_at = timestamp(load_default=None, allow_none=True)
     last_opened_at = timestamp(load_default=None, allow_none=True)
+    metadata = Metadata(
+        removals=True, load_default=dict, metadata={"description": _METADATA_CHANGE}
+    )
 
     @validates_schema
     def exactly_one_participant(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -87,6 +115,7 @@ class ConversationUpdateSchema(_RequestBody):
     is_pinned = StrictBoolean()
     is_muted = StrictBoolean()
     pinned_message_id = reference_id(allow_none=True)
+    metadata = Metadata(removals=True, metadata={"description": _METADATA_CHANGE})
 
 
 class ConversationListQuerySchema(Schema):
@@ -99,11 +128,38 @@ class ConversationListQuerySchema(Schema):
         load_default=10,
         validate=validate.Range(1, 100, error="Must be between {min} and {max}."),
     )
-    starting_after = conversation_id(
-        metadata={"description": "Cursor: the page of older conversations after this id."}
+    sort = fields.Enum(
+        Sort,
+        by_value=True,
+        load_default=Sort.CREATED,
+        metadata={
+            "description": "-created_at: newest first. -last_active_at: last activity first, "
+            "never-active conversations last; ties by id, newest first."
+        },
     )
-    ending_before = conversation_id(
-        metadata={"description": "Cursor: the page of newer conversations before this id."}
+    starting_after = fields.String(
+        metadata={
+            "description": "Cursor: the page after this position (a page's cursors.after). "
+            "A conversation id under -created_at, an opaque cursor under -last_active_at."
+        }
+    )
+    ending_before = fields.String(
+        metadata={"description": "Cursor: the page before this position (a page's cursors.before)."}
+    )
+    unread = fields.Boolean(
+        truthy={"true"},
+        falsy={"false"},
+        metadata={
+            "description": "true: active since last opened (last_active_at set, and "
+            "last_opened_at null or earlier); false: the others."
+        },
+    )
+    metadata = Metadata(
+        max_keys=METADATA_MAX_FILTERS,
+        metadata={
+            "description": f"metadata[key]=value, up to {METADATA_MAX_FILTERS}: only "
+            "conversations whose metadata has each key with exactly that value.",
+        },
     )
     archived = fields.Boolean(truthy={"true"}, falsy={"false"})
     muted = fields.Boolean(truthy={"true"}, falsy={"false"})
@@ -111,12 +167,39 @@ class ConversationListQuerySchema(Schema):
     contact_id = reference_id()
     group_id = reference_id()
 
+    @post_load
+    def positions(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """The cursors as positions of the chosen order (`schemas.cursor.Position`)."""
+        errors = {}
+        for name in ("starting_after", "ending_before"):
+            if name in data:
+                try:
+                    data[name] = cursor.decode(data["sort"], data[name])
+                except ValueError as error:
+                    errors[name] = [str(error)]
+        if errors:
+            raise ValidationError(errors)
+        return data
+
+
+class CursorsSchema(Schema):
+    """Where a page starts and ends: pass `after` as starting_after for the next page, `before`
+    as ending_before for the previous one."""
+
+    before = fields.String(required=True, allow_none=True)
+    after = fields.String(required=True, allow_none=True)
+
 
 class ConversationListSchema(Schema):
-    """A page of conversations, newest first."""
+    """A page of conversations in the order asked for."""
 
     has_more = fields.Boolean(required=True)
     data = fields.List(fields.Nested(ConversationSchema), required=True)
+    cursors = fields.Nested(
+        CursorsSchema,
+        required=True,
+        metadata={"description": "Cursors of the first and last items; both null when empty."},
+    )
 
 
 class DeletedConversationSchema(Schema):

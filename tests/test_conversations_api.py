@@ -22,7 +22,9 @@ FIELDS = {
     "last_opened_at",
     "created_at",
     "archived_at",
+    "metadata",
 }
+EMPTY_PAGE = {"has_more": False, "data": [], "cursors": {"before": None, "after": None}}
 
 
 async def create(client: TestClient, headers: dict, **body) -> dict:
@@ -314,7 +316,7 @@ async def test_list_is_newest_first_with_default_limit_10(client, headers):
     resp = await client.get("/v1/conversations", headers=headers)
     assert resp.status == 200
     body = await resp.json()
-    assert set(body) == {"has_more", "data"}
+    assert set(body) == {"has_more", "data", "cursors"}
     assert body["has_more"] is True
     expected = sorted(created, key=lambda c: c["id"], reverse=True)[:10]
     assert body["data"] == expected
@@ -325,7 +327,7 @@ async def test_list_is_newest_first_with_default_limit_10(client, headers):
 
 async def test_an_empty_list(client, headers):
     resp = await client.get("/v1/conversations", headers=headers)
-    assert await resp.json() == {"has_more": False, "data": []}
+    assert await resp.json() == EMPTY_PAGE
 
 
 async def test_list_filters(client, headers):
@@ -443,7 +445,7 @@ async def test_pages_past_either_end_are_empty(client, headers):
         "starting_after=0000000000000000",
     ):
         resp = await client.get(f"/v1/conversations?{query}", headers=headers)
-        assert await resp.json() == {"has_more": False, "data": []}, query
+        assert await resp.json() == EMPTY_PAGE, query
 
 
 async def test_a_deleted_conversation_still_works_as_a_cursor(client, headers):

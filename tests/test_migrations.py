@@ -157,6 +157,7 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "created_at": ("bigint", "NO"),
         "archived_at": ("bigint", "YES"),
         "version": ("bigint", "NO"),
+        "metadata": ("jsonb", "NO"),
         "change_xid": ("xid8", "NO"),
     }
     assert shape("conversation_tombstones") == {
@@ -230,6 +231,27 @@ async def test_the_schema_is_what_the_service_expects(conn):
         True,
         ["account_id", "position", "id"],
         None,
+    )
+    # The inbox's indexes (0003), as PostgreSQL spells them back.
+    definitions = dict(
+        await conn.fetch(
+            """select c.relname, pg_get_indexdef(i.indexrelid) from pg_index i
+               join pg_class c on c.oid = i.indexrelid
+               where i.indrelid = 'conversations'::regclass"""
+        )
+    )
+    activity = "(account_id, COALESCE(last_active_at, ('-1'::integer)::bigint) DESC, id DESC)"
+    unread = "WHERE (last_active_at > COALESCE(last_opened_at, ('-1'::integer)::bigint))"
+    using = "ON public.conversations USING"
+    assert definitions["conversations_activity_idx"].endswith(f"{using} btree {activity}")
+    assert definitions["conversations_unread_activity_idx"].endswith(
+        f"{using} btree {activity} {unread}"
+    )
+    assert definitions["conversations_unread_id_idx"].endswith(
+        f"{using} btree (account_id, id DESC) {unread}"
+    )
+    assert definitions["conversations_metadata_idx"].endswith(
+        f"{using} gin (account_id, metadata jsonb_path_ops)"
     )
 
 

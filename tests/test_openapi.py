@@ -34,6 +34,9 @@ def test_every_contract_operation_is_documented():
         "pinned",
         "contact_id",
         "group_id",
+        "sort",
+        "unread",
+        "metadata",
     }
 
 

@@ -472,7 +472,11 @@ async def test_limit_bounds_are_inclusive(client, headers):
     for limit in (1, 100):
         resp = await client.get(f"{URL}?limit={limit}", headers=headers)
         assert resp.status == 200
-        assert await resp.json() == {"has_more": False, "data": []}
+        assert await resp.json() == {
+            "has_more": False,
+            "data": [],
+            "cursors": {"before": None, "after": None},
+        }
 
 
 # --- X-Request-ID -------------------------------------------------------------------------------
@@ -614,6 +618,10 @@ async def test_refused_writes_change_nothing(client, headers, db):
     assert await resp.json() == created
     assert resp.headers["ETag"] == etag
     resp = await client.get(URL, headers=headers)
-    assert await resp.json() == {"has_more": False, "data": [created]}
+    assert await resp.json() == {
+        "has_more": False,
+        "data": [created],
+        "cursors": {"before": created["id"], "after": created["id"]},
+    }
     assert await db.fetchval("select count(*) from outbox") == outbox_before
     assert await db.fetchval("select count(*) from conversations") == 1

@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, example, given, settings
@@ -43,9 +44,25 @@ STATE = f"SELECT {', '.join(RESOURCE_FIELDS)} FROM conversations WHERE account_i
 
 
 async def state(db: asyncpg.Connection | asyncpg.Pool, account: str) -> Copy:
-    """The account as a direct read sees it."""
+    """The account as a direct read sees it (metadata decoded, whatever the connection's codecs)."""
     rows = await db.fetch(STATE, account)
-    return {row["id"]: dict(row) for row in rows}
+    copy = {row["id"]: dict(row) for row in rows}
+    for item in copy.values():
+        if isinstance(item["metadata"], str):
+            item["metadata"] = orjson.loads(item["metadata"])
+    return copy
+
+
+async def connect(db_url: str) -> asyncpg.Connection:
+    """A connection that reads and writes metadata as the service's pool does."""
+    conn = await asyncpg.connect(db_url)
+    await repository.init_connection(conn)
+    return conn
+
+
+def create_pool(db_url: str, **kwargs: Any) -> asyncpg.Pool:
+    """A pool whose connections read and write metadata as the service's pool does."""
+    return asyncpg.create_pool(db_url, init=repository.init_connection, **kwargs)
 
 
 async def page(client: TestClient, headers: dict, **query) -> dict:
@@ -150,6 +167,7 @@ def _new_resource(contact: str) -> dict[str, Any]:
         "last_opened_at": None,
         "created_at": now_ms // 1000,
         "archived_at": None,
+        "metadata": {},
     }
 
 
@@ -182,7 +200,7 @@ async def test_a_change_that_commits_late_is_delivered_late(
     copy: Copy = {}
     token, _ = await walk(client, headers, copy)
 
-    late = await asyncpg.connect(db_url)
+    late = await connect(db_url)
     try:
         # A writes first (so its transaction id, the position, is the lower one)...
         transaction = late.transaction()
@@ -220,7 +238,7 @@ async def test_a_change_that_commits_in_the_middle_of_a_walk_is_not_skipped(
     a, b, c = [await create(client, headers, f"ct_{n}") for n in range(3)]
     copy: Copy = {}
     token, _ = await walk(client, headers, copy)
-    late = await asyncpg.connect(db_url)
+    late = await connect(db_url)
     try:
         transaction = late.transaction()
         await transaction.start()
@@ -250,7 +268,7 @@ async def test_a_transaction_held_open_across_many_pages_is_not_skipped(
     made = [await create(client, headers, f"ct_{n}") for n in range(6)]
     copy: Copy = {}
     token, _ = await walk(client, headers, copy)
-    late = await asyncpg.connect(db_url)
+    late = await connect(db_url)
     try:
         transaction = late.transaction()
         await transaction.start()
@@ -309,7 +327,7 @@ async def test_concurrent_writers_with_held_locks_converge_over_http(
                 assert resp.status in (200, 404)
 
     async def locker() -> None:
-        conn = await asyncpg.connect(db_url)
+        conn = await connect(db_url)
         try:
             while writing:
                 async with conn.transaction():
@@ -332,7 +350,7 @@ async def test_concurrent_writers_with_held_locks_converge_over_http(
 
     background = [asyncio.create_task(locker()), asyncio.create_task(syncer())]
     try:
-        async with asyncpg.create_pool(db_url, min_size=1, max_size=3) as reader:
+        async with create_pool(db_url, min_size=1, max_size=3) as reader:
             await asyncio.gather(*(writer(seed, reader) for seed in range(3)))
     finally:
         writing = False
@@ -461,8 +479,8 @@ class Interleaving:
 )
 def test_random_interleavings_converge(db_url, steps):
     async def scenario() -> None:
-        async with asyncpg.create_pool(db_url, min_size=1, max_size=2) as pool:
-            writers = [await asyncpg.connect(db_url) for _ in range(CONNECTIONS)]
+        async with create_pool(db_url, min_size=1, max_size=2) as pool:
+            writers = [await connect(db_url) for _ in range(CONNECTIONS)]
             try:
                 interleaving = Interleaving(pool, writers)
                 for step in steps:
@@ -478,8 +496,8 @@ def test_random_interleavings_converge(db_url, steps):
 async def test_a_walk_that_fits_a_page_equals_the_account_while_transactions_are_open(db_url, db):
     """The promise's "state at some moment": a walk's last page holds everything since its
     floor in one snapshot, so with uncommitted work around, the copy equals what is committed."""
-    async with asyncpg.create_pool(db_url, min_size=1, max_size=2) as pool:
-        writers = [await asyncpg.connect(db_url) for _ in range(2)]
+    async with create_pool(db_url, min_size=1, max_size=2) as pool:
+        writers = [await connect(db_url) for _ in range(2)]
         try:
             run = Interleaving(pool, writers)
             for step in [
@@ -562,7 +580,7 @@ async def test_read_scope_is_needed(client, make_token, account):
 
 
 async def expire_tombstones(db_url: str, retention: float = RETENTION) -> dict[str, int] | None:
-    async with asyncpg.create_pool(db_url, min_size=1, max_size=1) as pool:
+    async with create_pool(db_url, min_size=1, max_size=1) as pool:
         return await housekeeping.run_once(pool, [sync.expired_tombstones(retention)])
 
 
@@ -633,7 +651,7 @@ async def test_expired_tombstones_go_in_bounded_batches_and_the_horizon_follows(
                   now() - make_interval(days => CASE WHEN n <= 2500 THEN 40 ELSE 1 END)
            FROM generate_series(1, 2600) n"""
     )
-    async with asyncpg.create_pool(db_url, min_size=1, max_size=1) as pool:
+    async with create_pool(db_url, min_size=1, max_size=1) as pool:
         removed = await housekeeping.run_once(
             pool, [sync.expired_tombstones(RETENTION)], batch_size=1000
         )
@@ -678,7 +696,7 @@ async def test_the_periodic_job_removes_expired_tombstones(db, db_url):
         """INSERT INTO conversation_tombstones (account_id, id, deleted_at)
            VALUES ('acct_x', '0000000000000001', now() - interval '40 days')"""
     )
-    async with asyncpg.create_pool(db_url, min_size=1, max_size=1) as pool:
+    async with create_pool(db_url, min_size=1, max_size=1) as pool:
         job = asyncio.create_task(
             housekeeping.run_periodically(pool, [sync.expired_tombstones(RETENTION)], interval=0.05)
         )
@@ -701,7 +719,7 @@ def test_serve_runs_housekeeping_and_the_relay_role_does_not(settings):
 
 async def test_the_periodic_job_outlives_a_failing_round(db_url, caplog):
     failing = housekeeping.Cleanup("broken", "SELECT 1 / 0 + $1")
-    async with asyncpg.create_pool(db_url, min_size=1, max_size=1) as pool:
+    async with create_pool(db_url, min_size=1, max_size=1) as pool:
         job = asyncio.create_task(housekeeping.run_periodically(pool, [failing], interval=0.02))
         try:
             for _ in range(200):

@@ -30,7 +30,7 @@ from service.api.middleware import (
     request_id_middleware,
 )
 from service.api.openapi import render_openapi
-from service.conversations import housekeeping, sync
+from service.conversations import housekeeping, repository, sync
 from service.errors import DATABASE_UNAVAILABLE
 from service.events.runtime import events_running
 from service.metrics import Metrics
@@ -66,6 +66,7 @@ async def database_pool(app: web.Application) -> AsyncIterator[None]:
             connection_class=PooledConnection,
             min_size=min_size,
             max_size=settings.db_pool_max,
+            init=repository.init_connection,
             # Bound every statement: a stuck query must not hold a request (and a connection).
             server_settings={"statement_timeout": str(settings.db_statement_timeout_ms)},
         )

@@ -16,6 +16,8 @@ MAX_BODY_BYTES = 64 * 1024
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
 _DECIMAL = re.compile(r"-?[0-9]{1,20}")
+# `metadata[team]=sales` in a query string or a form: one entry of the object `metadata`.
+_BRACKETED = re.compile(r"([a-z_]+)\[(.*)\]", re.DOTALL)
 
 
 def _single_values(values: MultiMapping[str]) -> dict[str, str]:
@@ -26,9 +28,27 @@ def _single_values(values: MultiMapping[str]) -> dict[str, str]:
     return {key: values[key] for key in values}
 
 
+def _objects(schema: Schema, values: dict[str, str]) -> dict[str, Any]:
+    """`name[key]=value` pairs gathered into an object `name` when the schema's `name` is one
+    (a fields.Dict); other names are left as they are, for the schema to judge."""
+    loaded: dict[str, Any] = {}
+    objects: dict[str, dict[str, str]] = {}
+    for name, value in values.items():
+        match = _BRACKETED.fullmatch(name)
+        if match and isinstance(schema.fields.get(match[1]), fields.Dict):
+            objects.setdefault(match[1], {})[match[2]] = value
+        else:
+            loaded[name] = value
+    clashing = sorted(name for name in objects if name in loaded)
+    if clashing:
+        message = "Give name[key]=value pairs, not the name alone."
+        raise validation_error({name: [message] for name in clashing})
+    return {**loaded, **objects}
+
+
 def load_query(schema: Schema, query: MultiMapping[str]) -> dict[str, Any]:
     """The query string, validated by `schema` (a ValidationError becomes a 422)."""
-    return schema.load(_single_values(query))
+    return schema.load(_objects(schema, _single_values(query)))
 
 
 async def read_body(request: web.Request, schema: Schema) -> dict[str, Any]:
@@ -47,7 +67,7 @@ async def read_body(request: web.Request, schema: Schema) -> dict[str, Any]:
         form = await request.post()
         if not form:
             raise ApiError(400, "The request body is empty; send at least one field.")
-        data = _form_values(schema, _single_values(form))  # type: ignore[arg-type]
+        data = _form_values(schema, _objects(schema, _single_values(form)))  # type: ignore[arg-type]
     else:
         raise ApiError(
             415,
@@ -69,10 +89,11 @@ def _parse_json(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def _form_values(schema: Schema, form: Mapping[str, str]) -> dict[str, Any]:
+def _form_values(schema: Schema, form: Mapping[str, Any]) -> dict[str, Any]:
     """Form fields typed as the schema wants them: true/false, decimal integers, empty = null.
 
-    Anything else stays a string, so the schema reports it as the wrong type.
+    Anything else stays as it is (a string, or an object of strings), so the schema reports a
+    wrong type.
     """
     typed: dict[str, Any] = {}
     for key, value in form.items():

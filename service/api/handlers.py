@@ -13,12 +13,18 @@ from schemas import (
     ConversationCreateSchema,
     ConversationListQuerySchema,
     ConversationUpdateSchema,
+    cursor,
 )
-from schemas.fields import CONVERSATION_ID_PATTERN, TRACEPARENT_PATTERN
+from schemas.fields import CONVERSATION_ID_PATTERN, METADATA_MAX_KEYS, TRACEPARENT_PATTERN
 from service.api.bodies import load_query, read_body
 from service.api.keys import DB_POOL, PRINCIPAL, SETTINGS
 from service.conversations import operations, sync
-from service.conversations.operations import ConversationNotFound, IfMatch, VersionMismatch
+from service.conversations.operations import (
+    ConversationNotFound,
+    IfMatch,
+    TooManyMetadataKeys,
+    VersionMismatch,
+)
 from service.conversations.repository import ListFilter, StoredConversation
 from service.errors import ApiError, not_found, validation_error
 
@@ -79,7 +85,7 @@ def _traceparent(request: web.Request) -> str | None:
 
 
 async def list_conversations(request: web.Request) -> web.Response:
-    """GET /v1/conversations: a page, newest first."""
+    """GET /v1/conversations: a page in the order asked for (newest first by default)."""
     query = load_query(_list_query_schema, request.query)
     if "starting_after" in query and "ending_before" in query:
         raise ApiError(400, "Use starting_after or ending_before, not both.", param="ending_before")
@@ -92,14 +98,29 @@ async def list_conversations(request: web.Request) -> web.Response:
             pinned=query.get("pinned"),
             contact_id=query.get("contact_id"),
             group_id=query.get("group_id"),
+            unread=query.get("unread"),
+            metadata=query.get("metadata"),
         ),
+        sort=query["sort"],
         limit=query["limit"],
         starting_after=query.get("starting_after"),
         ending_before=query.get("ending_before"),
     )
+    items = [item.resource for item in page.conversations]
     return json_response(
-        {"has_more": page.has_more, "data": [item.resource for item in page.conversations]}
+        {
+            "has_more": page.has_more,
+            "data": items,
+            "cursors": {
+                "before": _cursor(query["sort"], items[0]) if items else None,
+                "after": _cursor(query["sort"], items[-1]) if items else None,
+            },
+        }
     )
+
+
+def _cursor(sort: cursor.Sort, item: dict[str, Any]) -> str:
+    return cursor.encode(sort, cursor.Position(item["id"], item["last_active_at"]))
 
 
 async def list_changes(request: web.Request) -> web.Response:
@@ -130,9 +151,10 @@ async def list_changes(request: web.Request) -> web.Response:
 async def create_conversation(request: web.Request) -> web.Response:
     """POST /v1/conversations: 201 and the new conversation, or 200 and the existing one."""
     fields = await read_body(request, _create_schema)
-    conversation, created = await operations.create(
-        request.app[DB_POOL], request[PRINCIPAL].account_id, fields, _traceparent(request)
-    )
+    with _domain_errors():
+        conversation, created = await operations.create(
+            request.app[DB_POOL], request[PRINCIPAL].account_id, fields, _traceparent(request)
+        )
     if not created:
         return _conversation_response(conversation)
     location = request.app.router["conversation"].url_for(id=conversation.resource["id"])
@@ -180,11 +202,15 @@ async def delete_conversation(request: web.Request) -> web.Response:
 
 @contextlib.contextmanager
 def _domain_errors() -> Iterator[None]:
-    """The domain's refusals as HTTP answers: missing is 404, a stale If-Match is 412."""
+    """The domain's refusals as HTTP answers: missing is 404, a stale If-Match is 412, metadata
+    over the limit (after the merge) is 422."""
     try:
         yield
     except ConversationNotFound:
         raise not_found() from None
+    except TooManyMetadataKeys as error:
+        message = f"At most {METADATA_MAX_KEYS} keys; this change would leave {error.count}."
+        raise validation_error({"metadata": [message]}) from None
     except VersionMismatch:
         raise ApiError(
             412,

@@ -5,6 +5,7 @@ from typing import Any
 import orjson
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
+from marshmallow import fields
 
 from schemas import (
     ConversationChangesQuerySchema,
@@ -67,18 +68,26 @@ _BODY_ERRORS = {
 }
 
 
+def _deep_object(converter: object, field: fields.Field, **kwargs: Any) -> dict[str, Any]:
+    """An object in the query string is spelled name[key]=value (metadata[team]=sales).
+    (apispec calls it as a method of its converter.)"""
+    return {"style": "deepObject", "explode": True} if isinstance(field, fields.Dict) else {}
+
+
 def build_openapi() -> dict[str, Any]:
     """The whole document as a dict."""
+    marshmallow_plugin = MarshmallowPlugin()
     spec = APISpec(
         title="DigiVault Conversations",
         version=VERSION,
         openapi_version="3.0.3",
-        plugins=[MarshmallowPlugin()],
+        plugins=[marshmallow_plugin],
         info={
             "description": "Conversations: the containers for messages with contacts and groups."
         },
         security=[{"bearer": []}],
     )
+    marshmallow_plugin.converter.add_parameter_attribute_function(_deep_object)  # type: ignore[union-attr]
     spec.components.security_scheme(
         "bearer", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     )
@@ -106,7 +115,7 @@ def build_openapi() -> dict[str, Any]:
         path="/v1/conversations",
         operations={
             "get": {
-                "summary": "List conversations, newest first",
+                "summary": "List conversations, newest first or by last activity",
                 "operationId": "listConversations",
                 "parameters": [{"in": "query", "schema": ConversationListQuerySchema}],
                 "responses": {

@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from schemas.cursor import Position, Sort
+from schemas.fields import METADATA_MAX_KEYS
 from service.conversations import outbox, repository
 from service.conversations.ids import new_id
 from service.conversations.repository import ListFilter, StoredConversation
@@ -32,9 +34,27 @@ class VersionMismatch(Exception):
     """The caller's If-Match names a version the conversation no longer has."""
 
 
+class TooManyMetadataKeys(Exception):
+    """The metadata would have more keys than allowed; `count` is how many it would have."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
+
+
+def merge_metadata(current: dict[str, str], changes: dict[str, str | None]) -> dict[str, str]:
+    """`current` with `changes` applied key by key: a string sets the key, None removes it,
+    keys not named are kept. The limit on keys applies to the result."""
+    merged = {**current, **changes}
+    result = {key: value for key, value in merged.items() if value is not None}
+    if len(result) > METADATA_MAX_KEYS:
+        raise TooManyMetadataKeys(len(result))
+    return result
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A page of the list, newest first, and whether another exists in the direction of travel."""
+    """A page of the list in its order, and whether another exists in the direction of travel."""
 
     conversations: list[StoredConversation]
     has_more: bool
@@ -67,6 +87,7 @@ async def create(
                 "last_opened_at": fields.get("last_opened_at"),
                 "created_at": now_ms // 1000,
                 "archived_at": None,
+                "metadata": merge_metadata({}, fields.get("metadata", {})),
             }
             event = outbox.build_event(
                 outbox.CREATED, account_id, StoredConversation(resource, 1), 1
@@ -98,19 +119,27 @@ async def list_page(
     account_id: str,
     filters: ListFilter,
     *,
+    sort: Sort = Sort.CREATED,
     limit: int,
-    starting_after: str | None = None,
-    ending_before: str | None = None,
+    starting_after: Position | None = None,
+    ending_before: Position | None = None,
 ) -> Page:
-    """One page, newest first. A cursor is a position: any well-formed id works as one."""
+    """One page in `sort` order. A cursor is a position, not a lookup: any well-formed one works,
+    also one whose conversation is gone or moved."""
     async with pool.acquire() as conn:
         rows = await repository.list_page(
-            conn, account_id, filters, limit=limit + 1, after=starting_after, before=ending_before
+            conn,
+            account_id,
+            filters,
+            sort=sort,
+            limit=limit + 1,
+            after=starting_after,
+            before=ending_before,
         )
     has_more = len(rows) > limit
     rows = rows[:limit]
     if ending_before is not None:
-        rows.reverse()  # fetched oldest-first from the cursor; pages are always newest first
+        rows.reverse()  # fetched backwards from the cursor; pages are always in the order asked
     return Page(rows, has_more)
 
 
@@ -158,20 +187,25 @@ async def update(
     if_match: IfMatch = None,
     traceparent: str | None = None,
 ) -> StoredConversation:
-    """Apply `changes` (writable fields only). A change that changes nothing keeps the version
-    and records no event."""
+    """Apply `changes` (writable fields only; metadata is merged into the current object). A
+    change that changes nothing keeps the version and records no event."""
 
     async def attempt(
         conn: asyncpg.Connection, current: StoredConversation
     ) -> StoredConversation | None:
+        wanted = changes
+        if "metadata" in changes:
+            merged = merge_metadata(current.resource["metadata"], changes["metadata"])
+            wanted = {**changes, "metadata": merged}
+        # Metadata compares as a whole object: previous_attributes carries all of it.
         previous = {
             field: current.resource[field]
-            for field, value in changes.items()
+            for field, value in wanted.items()
             if current.resource[field] != value
         }
         if not previous:
             return current
-        after = StoredConversation({**current.resource, **changes}, current.version + 1)
+        after = StoredConversation({**current.resource, **wanted}, current.version + 1)
         archived = "archived_at" in previous and previous["archived_at"] is None
         event = outbox.build_event(
             outbox.ARCHIVED if archived else outbox.UPDATED,

@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
+
+from schemas.cursor import Position, Sort
 
 # The resource's fields, in the contract's order; `version` travels beside them.
 RESOURCE_FIELDS = (
@@ -18,6 +21,7 @@ RESOURCE_FIELDS = (
     "last_opened_at",
     "created_at",
     "archived_at",
+    "metadata",
 )
 # What an update may change, in the order UPDATE_CONVERSATION takes them.
 WRITABLE_FIELDS = (
@@ -27,6 +31,7 @@ WRITABLE_FIELDS = (
     "last_active_at",
     "last_opened_at",
     "archived_at",
+    "metadata",
 )
 _COLUMNS = ", ".join(RESOURCE_FIELDS) + ", version"
 
@@ -42,6 +47,16 @@ class StoredConversation:
 def resource_of(record: asyncpg.Record) -> dict[str, Any]:
     """The resource of a row read with the resource's columns."""
     return {field: record[field] for field in RESOURCE_FIELDS}
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Prepare a new connection: jsonb (metadata) is read and written as Python dicts."""
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda value: orjson.dumps(value).decode(),
+        decoder=orjson.loads,
+    )
 
 
 def _stored(record: asyncpg.Record) -> StoredConversation:
@@ -70,11 +85,12 @@ SELECT {_COLUMNS} FROM changed
 INSERT_CONVERSATION = _with_event(
     f"""
     INSERT INTO conversations (account_id, id, contact_id, group_id, pinned_message_id,
-                               is_pinned, is_muted, last_active_at, last_opened_at, created_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                               is_pinned, is_muted, last_active_at, last_opened_at, created_at,
+                               metadata)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
     ON CONFLICT DO NOTHING
     RETURNING {_COLUMNS}""",
-    11,
+    12,
 )
 
 
@@ -98,6 +114,7 @@ async def insert(
         resource["last_active_at"],
         resource["last_opened_at"],
         resource["created_at"],
+        resource["metadata"],
         *event,
     )
     return _stored(record) if record else None
@@ -138,11 +155,11 @@ UPDATE_CONVERSATION = _with_event(
     f"""
     UPDATE conversations
     SET pinned_message_id = $4, is_pinned = $5, is_muted = $6,
-        last_active_at = $7, last_opened_at = $8, archived_at = $9, version = version + 1,
-        change_xid = pg_current_xact_id()
+        last_active_at = $7, last_opened_at = $8, archived_at = $9, metadata = $10,
+        version = version + 1, change_xid = pg_current_xact_id()
     WHERE account_id = $1 AND id = $2 AND version = $3
     RETURNING {_COLUMNS}""",
-    10,
+    11,
 )
 
 
@@ -200,23 +217,28 @@ class ListFilter:
     pinned: bool | None = None
     contact_id: str | None = None
     group_id: str | None = None
+    unread: bool | None = None
+    # Keys and the exact values they must have (all of them).
+    metadata: dict[str, str] | None = None
 
 
-async def list_page(
-    conn: asyncpg.Connection,
+# The activity order's key: a never-active conversation (null) maps to -1, below every real
+# time, so the null group comes last and one index range covers it (0003_inbox.sql).
+ACTIVITY_KEY = "COALESCE(last_active_at, -1)"
+# Active since last opened; word for word the predicate of the partial unread indexes.
+UNREAD = "last_active_at > COALESCE(last_opened_at, -1)"
+
+
+def list_query(
     account_id: str,
     filters: ListFilter,
     *,
+    sort: Sort,
     limit: int,
-    after: str | None = None,
-    before: str | None = None,
-) -> list[StoredConversation]:
-    """Up to `limit` conversations in the direction of travel, newest first.
-
-    `after` walks to older ids (id < after, descending), `before` to newer ids (id > before,
-    ascending, so the nearest come first; the caller reverses). Keyset on the primary key: no
-    OFFSET, flat cost at any depth.
-    """
+    after: Position | None = None,
+    before: Position | None = None,
+) -> tuple[str, list[object]]:
+    """The SELECT of `list_page` and its arguments (tests EXPLAIN it)."""
     conditions = ["account_id = $1"]
     args: list[object] = [account_id]
 
@@ -224,10 +246,22 @@ async def list_page(
         args.append(value)
         return f"${len(args)}"
 
+    if sort is Sort.CREATED:
+        key, order_by = "id", ("id",)
+
+        def place(position: Position) -> str:
+            return param(position.id)
+    else:
+        key, order_by = f"({ACTIVITY_KEY}, id)", (ACTIVITY_KEY, "id")
+
+        def place(position: Position) -> str:
+            time = -1 if position.last_active_at is None else position.last_active_at
+            return f"({param(time)}, {param(position.id)})"
+
     if after is not None:
-        conditions.append(f"id < {param(after)}")
+        conditions.append(f"{key} < {place(after)}")
     if before is not None:
-        conditions.append(f"id > {param(before)}")
+        conditions.append(f"{key} > {place(before)}")
     if filters.archived is not None:
         conditions.append("archived_at IS NOT NULL" if filters.archived else "archived_at IS NULL")
     if filters.muted is not None:
@@ -238,9 +272,43 @@ async def list_page(
         conditions.append(f"contact_id = {param(filters.contact_id)}")
     if filters.group_id is not None:
         conditions.append(f"group_id = {param(filters.group_id)}")
-    order = "ASC" if before is not None else "DESC"
+    if filters.unread is not None:
+        conditions.append(UNREAD if filters.unread else f"({UNREAD}) IS NOT TRUE")
+    if filters.metadata:
+        conditions.append(f"metadata @> {param(filters.metadata)}::jsonb")
+    direction = "ASC" if before is not None else "DESC"
     query = (
         f"SELECT {_COLUMNS} FROM conversations WHERE {' AND '.join(conditions)} "
-        f"ORDER BY id {order} LIMIT {param(limit)}"
+        f"ORDER BY {', '.join(f'{column} {direction}' for column in order_by)} "
+        f"LIMIT {param(limit)}"
     )
-    return [_stored(record) for record in await conn.fetch(query, *args)]
+    return query, args
+
+
+async def list_page(
+    conn: asyncpg.Connection,
+    account_id: str,
+    filters: ListFilter,
+    *,
+    sort: Sort,
+    limit: int,
+    after: Position | None = None,
+    before: Position | None = None,
+) -> list[StoredConversation]:
+    """Up to `limit` conversations in the direction of travel, in `sort` order.
+
+    `after` walks on in the order (keys below the position, descending), `before` back (keys
+    above it, ascending, so the nearest come first; the caller reverses). Keyset on an index of
+    the order: no OFFSET, flat cost at any depth.
+    """
+    query, args = list_query(
+        account_id, filters, sort=sort, limit=limit, after=after, before=before
+    )
+    if filters.metadata:
+        # Planned afresh with the filter's value, never from a cached generic plan: a rare value
+        # is best found in the GIN index, a common one by walking the order's index.
+        statement = await conn.prepare(query)
+        records = await statement.fetch(*args)
+    else:
+        records = await conn.fetch(query, *args)
+    return [_stored(record) for record in records]

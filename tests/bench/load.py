@@ -98,8 +98,10 @@ async def wrk(
     data_dir: Path,
     *,
     connections: int = WRK_CONNECTIONS,
+    args: tuple[str, ...] = (),
 ) -> LoadResult:
-    """Run wrk with `script` (a file of tests/bench/wrk) against `base_url` for `seconds`."""
+    """Run wrk with `script` (a file of tests/bench/wrk) against `base_url` for `seconds`;
+    `args` go to the script's init() (after `--`)."""
     argv = [
         "wrk",
         f"-t{WRK_THREADS}",
@@ -110,6 +112,7 @@ async def wrk(
         "-s",
         script,
         base_url,
+        *(("--", *args) if args else ()),
     ]
     env = {
         "BENCH_DATA_DIR": str(data_dir),

@@ -70,6 +70,26 @@ WHY_MISSED = {
         "from other work on the machine (look at the two runs' p99s), a steady one would point "
         "at the cursor's handling (marshmallow validation, the second condition in the query)."
     ),
+    "inbox_first_vs_first": (
+        "The activity order's first page is one range scan of its own index, as the default "
+        "order's is of the primary key; the extra cost is encoding the opaque cursors and a "
+        "larger index (an expression and the id), so a steady gap points at those."
+    ),
+    "inbox_deep_vs_first": (
+        "A deep page is one index descent to the cursor's position, at any depth; it also "
+        "decodes the cursor. A gap in one run and none in the next is interference."
+    ),
+    "inbox_metadata_vs_first": (
+        "A value on 1% of the account: PostgreSQL walks the activity index and checks each "
+        "row's metadata (about 100 rows, and their heap pages, per row shown), or, for rarer "
+        "values, reads the GIN index and sorts what it found. The metadata-filtered query is "
+        "also prepared afresh each time (a second round trip) so that it is planned for its "
+        "value; docs/architecture.md has the plans."
+    ),
+    "inbox_unread_vs_first": (
+        "unread=true reads the partial index of the unread conversations, which holds them in "
+        "activity order: the same range scan as the first page on a smaller index."
+    ),
     "post_vs_pgbench": (
         "pgbench runs the service's own statement with nothing around it; the service adds "
         "HTTP, the token check, its middlewares and access log, marshmallow loading of the "
@@ -218,7 +238,14 @@ $commands
    batch, 500, of the second quarter's; and an empty outbox within 10 s of the end), and each
    worker's peak RSS must stay under 150 MB. The relay's rate under this load is the write
    rate (20% of the requests) less the backlog's growth.
-6. **Delta sync.** In the harness (tests/bench/sync.py), the large account read whole twice
+6. **Inbox** (run after scenario 2, against its first page). `GET /v1/conversations?limit=10&
+   sort=-last_active_at` on the large account: the first page; a deep page (`starting_after` a
+   random one of the last 1,000 cursors of the activity order that have a full page after
+   them, so the page is in the never-active group at the end); `metadata[segment]=vip`, a
+   value on 1% of the account; and `unread=true` (about 10% of the account). Targets: p50 at
+   most 1.2 x the default order's first page for the first and the deep page, 2 x for the
+   metadata page, 1.5 x for the unread page.
+7. **Delta sync.** In the harness (tests/bench/sync.py), the large account read whole twice
    each way, 1,000 rows a page, through the domain operations the handlers call, each page
    encoded as the handlers encode it: a keyset list walk and a delta-sync walk from nothing
    (`GET /v1/conversations/changes`); the best round of each counts. Then, over HTTP, an
@@ -238,7 +265,8 @@ $commands
   dead tuples left by an earlier run's writes; seeding takes about 3 s per 100,000 rows. 1,000
   accounts of 100 conversations and `acct_large` with 1,000,000 (quick: 100,000); ids from
   `service.conversations.ids.new_id` with increasing times, 10% group conversations, some pinned, muted,
-  archived; then VACUUM ANALYZE. Tokens come from `service.api.auth.mint_token` with the
+  archived; 5% never active, 10% of the active ones unread, 1% with the metadata
+  `{"segment": "vip"}` and a third with one of ten team labels; then VACUUM ANALYZE. Tokens come from `service.api.auth.mint_token` with the
   service's secret.
 - **pgbench** runs the service's own SQL, copied by hand from `service/conversations/repository.py` into
   `tests/bench/pgbench/` (when those statements change, the scripts follow): a POST is one

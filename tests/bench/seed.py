@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from schemas.cursor import Position, Sort, encode
 from service.api.auth import READ_SCOPE, WRITE_SCOPE, mint_token
 from service.conversations.ids import new_id
 from service.conversations.repository import RESOURCE_FIELDS
@@ -41,6 +42,19 @@ CREATE TABLE bench_targets (
     account_id text NOT NULL,
     id         text COLLATE "C" NOT NULL
 )
+"""
+# The inbox's shape: 5% never active, 10% of the active ones unread, 1% in the segment that the
+# inbox scenario filters on (metadata[segment]=vip), a third labelled with one of ten teams.
+NEVER_ACTIVE = 0.05
+UNREAD = 0.10
+SEGMENT = '{"segment": "vip"}'
+SEGMENT_SHARE = 0.01
+TEAMS = [f'{{"team": "t{n}"}}' for n in range(10)]
+# The last positions of the large account's activity order that have a full page after them
+# (the deep page of the inbox scenario; the end of that order is the never-active group).
+SELECT_ACTIVITY_TAIL = """
+SELECT id, last_active_at FROM conversations WHERE account_id = $1
+ORDER BY COALESCE(last_active_at, -1) DESC, id DESC OFFSET $2 LIMIT $3
 """
 RESET_MUTED = """
 UPDATE conversations c SET is_muted = false
@@ -79,11 +93,24 @@ def database_url(server_url: str, name: str = BENCH_DATABASE) -> str:
 def _row(
     rng: random.Random, account_id: str, conversation_id: str, position: int, created_ms: int
 ) -> tuple[object, ...]:
-    """One conversation as stored: a realistic mix of contacts, groups, flags and timestamps."""
+    """One conversation as stored: a realistic mix of contacts, groups, flags, timestamps and
+    labels."""
     created_at = created_ms // 1000
     is_group = rng.random() < 0.1
     is_pinned = rng.random() < 0.03
-    last_active_at = created_at + rng.randrange(0, 3 * 86_400)
+    last_active_at = None
+    last_opened_at = None
+    if rng.random() >= NEVER_ACTIVE:
+        last_active_at = created_at + rng.randrange(0, 3 * 86_400)
+        unread = rng.random() < UNREAD
+        last_opened_at = last_active_at - rng.randrange(1, 86_400) if unread else last_active_at
+    labels = rng.random()
+    if labels < SEGMENT_SHARE:
+        metadata = SEGMENT
+    elif labels < 0.34:
+        metadata = rng.choice(TEAMS)
+    else:
+        metadata = "{}"
     return (
         account_id,
         conversation_id,
@@ -93,9 +120,10 @@ def _row(
         is_pinned,
         rng.random() < 0.1,
         last_active_at,
-        last_active_at if rng.random() < 0.7 else None,
+        last_opened_at,
         created_at,
         created_at + 86_400 if rng.random() < 0.05 else None,
+        metadata,
         1,
     )
 
@@ -168,17 +196,31 @@ async def _copy(conn: asyncpg.Connection, rows: Iterator[tuple[object, ...]]) ->
     return total
 
 
+async def _activity_cursors(conn: asyncpg.Connection, rows: int) -> list[str]:
+    """Cursors of sort=-last_active_at at the end of the large account's activity order, each
+    with a full page after it."""
+    count = min(DEEP_CURSORS, max(0, rows - PAGE - 1))
+    records = await conn.fetch(SELECT_ACTIVITY_TAIL, LARGE_ACCOUNT, rows - PAGE - 1 - count, count)
+    return [encode(Sort.ACTIVITY, Position(r["id"], r["last_active_at"])) for r in records]
+
+
 def _write_files(
-    data_dir: Path, accounts: list[str], tokens: dict[str, str], generator: _Generator
+    data_dir: Path,
+    accounts: list[str],
+    tokens: dict[str, str],
+    generator: _Generator,
+    activity_cursors: list[str],
 ) -> None:
     """tokens.txt (`account token`, line 1 is the large account), targets.txt (`line id`, the
-    line of the account in tokens.txt), cursors.txt (one id a line)."""
+    line of the account in tokens.txt), cursors.txt (one id a line), activity_cursors.txt (one
+    cursor of sort=-last_active_at a line)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     line_of = {account_id: line for line, account_id in enumerate(accounts, start=1)}
     (data_dir / "tokens.txt").write_text("".join(f"{a} {tokens[a]}\n" for a in accounts))
     targets = (f"{line_of[account_id]} {cid}\n" for account_id, cid in generator.targets)
     (data_dir / "targets.txt").write_text("".join(targets))
     (data_dir / "cursors.txt").write_text("".join(f"{cid}\n" for cid in generator.cursors))
+    (data_dir / "activity_cursors.txt").write_text("".join(f"{c}\n" for c in activity_cursors))
 
 
 async def seed(server_url: str, plan: SeedPlan, auth: AuthSettings, data_dir: Path) -> Dataset:
@@ -198,11 +240,12 @@ async def seed(server_url: str, plan: SeedPlan, auth: AuthSettings, data_dir: Pa
             records=[(n, a, cid) for n, (a, cid) in enumerate(generator.targets, start=1)],
         )
         await conn.execute("VACUUM ANALYZE")
+        activity_cursors = await _activity_cursors(conn, plan.large_account_rows)
     finally:
         await conn.close()
     scopes = [READ_SCOPE, WRITE_SCOPE]
     tokens = {a: mint_token(auth, a, scopes, TOKEN_TTL_SECONDS) for a in accounts}
-    _write_files(data_dir, accounts, tokens, generator)
+    _write_files(data_dir, accounts, tokens, generator, activity_cursors)
     return Dataset(
         url, accounts, tokens, generator.targets, rows, data_dir, time.perf_counter() - started
     )

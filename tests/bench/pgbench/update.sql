@@ -3,7 +3,7 @@
 -- is still the one read and its outbox row in one statement) on a random one of the same
 -- targets. The SELECT joins bench_targets to pick row :n (pgbench cannot read ids from a file)
 -- and keeps the key and version for the next statement (\gset). The UPDATE sets is_muted and
--- the version and the sync position (the service also writes the five other writable fields,
+-- the version and the sync position (the service also writes the six other writable fields,
 -- unchanged: the same row and tuple size). Mirrors service/conversations/repository.py by hand:
 -- follow it there.
 \set n random(1, :targets)

@@ -2,7 +2,7 @@
 -- requests, and the JSON summary that tests/bench/load.py reads from wrk's stdout. The harness
 -- runs wrk with this directory as its working directory, so `require("bench")` finds it.
 --
--- Environment: BENCH_DATA_DIR (tokens.txt, targets.txt, cursors.txt), BENCH_TAG (unique per
+-- Environment: BENCH_DATA_DIR (tokens.txt, targets.txt, cursors.txt, activity_cursors.txt), BENCH_TAG (unique per
 -- wrk run: new contact ids never collide with an earlier run's), BENCH_THREADS (wrk's -t).
 local M = {}
 
@@ -41,6 +41,11 @@ end
 
 -- Any other file the harness wrote into BENCH_DATA_DIR, one entry a line.
 M.lines = data_lines
+
+-- Opaque cursors of sort=-last_active_at near the end of the large account's activity order.
+function M.activity_cursors()
+    return data_lines("activity_cursors.txt")
+end
 
 -- X-Account-ID is for the minimal baseline only, which has no auth: the others ignore it.
 function M.get(account, path)
