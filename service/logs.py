@@ -3,6 +3,7 @@
 import contextvars
 import logging
 import time
+import traceback
 
 import orjson
 from aiohttp import web
@@ -65,12 +66,27 @@ def configure_logging(level: str, log_format: str) -> None:
     logging.logMultiprocessing = False
 
 
-def route_template(request: web.BaseRequest) -> str | None:
+def route_template(request: web.Request) -> str | None:
     """The matched route's template (`/v1/conversations/{id}`), never the raw path."""
-    if not isinstance(request, web.Request):
-        return None
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else None
+
+
+# The route template, or "unmatched", set by the metrics middleware for the access log: a request
+# that aiohttp's parser refused never reached the router and has no route at all.
+ROUTE = web.RequestKey("route", str)
+
+
+def describe_exception(error: BaseException | None) -> str:
+    """`TypeName at file:line` where it was raised: never the message, which can carry data."""
+    if error is None:
+        return "no exception"
+    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    return (
+        f"{type(error).__name__} at {frame.filename}:{frame.lineno}"
+        if frame
+        else type(error).__name__
+    )
 
 
 class AccessLogger(web.AbstractAccessLogger):
@@ -80,17 +96,17 @@ class AccessLogger(web.AbstractAccessLogger):
     """
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        route = route_template(request)
+        route = request.get(ROUTE, "unmatched")
         self.logger.info(
             "%s %s %s %.1fms",
             request.method,
-            route or "unmatched",
+            route,
             response.status,
             time * 1000,
             extra={
                 "request_id": response.headers.get("X-Request-ID"),
                 "method": request.method,
-                "route": route or "unmatched",
+                "route": route,
                 "status": response.status,
                 "duration": round(time, 6),
             },

@@ -11,13 +11,16 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from service.api.app import create_app
 from service.api.auth import mint_token
+from service.api.server import ServiceRunner
 from service.migrations import migrate
 from service.settings import AuthSettings, EventSettings, Settings
 from tests.events_support import Subscriber, amqp_url
+from tests.proxy import free_port
 
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnop"
 ALL_SCOPES = ["conversations:read", "conversations:write"]
@@ -190,3 +193,15 @@ def event_settings(settings, exchange):
         settings.events, amqp_url=amqp_url(), exchange=exchange, relay_enabled=True
     )
     return dataclasses.replace(settings, events=events)
+
+
+@pytest.fixture
+async def served(settings: Settings) -> AsyncIterator[str]:
+    """The app as `conversations serve` serves it (its runner and connection protocol), on a free
+    loopback port: what aiohttp's parser refuses never reaches the test client's server."""
+    runner = ServiceRunner(create_app(settings), shutdown_timeout=5)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()

@@ -94,7 +94,7 @@ async def stop_being_ready(app: web.Application) -> None:
 
 
 def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> web.Application:
-    """The service for `settings`; `web.run_app` serves it.
+    """The service for `settings`; `service.api.server.run` serves it.
 
     `api` serves /v1/conversations (and runs the relay too unless RELAY_ENABLED=false);
     `relay` runs the relay and serves only the probes and /metrics.

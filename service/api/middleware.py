@@ -4,7 +4,6 @@ import logging
 import os
 import re
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -14,7 +13,7 @@ from marshmallow import ValidationError
 from service.api.auth import READ_SCOPE, WRITE_SCOPE, InvalidToken
 from service.api.keys import METRICS, PRINCIPAL, REQUEST_ID, SETTINGS, TOKEN_VERIFIER
 from service.errors import DATABASE_UNAVAILABLE, ApiError, error_type, validation_error
-from service.logs import REQUEST_ID_VAR, route_template
+from service.logs import REQUEST_ID_VAR, ROUTE, describe_exception, route_template
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -25,11 +24,16 @@ _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def new_request_id() -> str:
+    """A fresh request id: 32 hex characters."""
+    return os.urandom(16).hex()
+
+
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Give every request an id (the caller's X-Request-ID if sane) and echo it on the response."""
     given = request.headers.get("X-Request-ID", "")
-    request_id = given if _REQUEST_ID_PATTERN.fullmatch(given) else os.urandom(16).hex()
+    request_id = given if _REQUEST_ID_PATTERN.fullmatch(given) else new_request_id()
     request[REQUEST_ID] = request_id
     token = REQUEST_ID_VAR.set(request_id)
     try:
@@ -82,26 +86,28 @@ def _from_http_exception(error: web.HTTPException) -> ApiError:
 
 def _log_failure(request: web.Request, error: BaseException, what: str) -> None:
     # Only the exception's type and where it was raised: messages and traces can carry SQL or data.
-    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
-    where = f"{frame.filename}:{frame.lineno}" if frame else "?"
     log.error(
-        "%s: %s at %s",
+        "%s: %s",
         what,
-        type(error).__name__,
-        where,
-        extra={"request_id": request.get(REQUEST_ID), "route": route_template(request)},
+        describe_exception(error),
+        extra={"request_id": request.get(REQUEST_ID), "route": request.get(ROUTE)},
     )
 
 
 def error_response(request: web.Request, error: ApiError) -> web.Response:
-    """The contract's error body for `error`."""
+    """The contract's error body for `error`, answering `request`."""
+    return render_error(error, request.get(REQUEST_ID, ""), request.app[SETTINGS].error_docs_url)
+
+
+def render_error(error: ApiError, request_id: str, docs_url: str) -> web.Response:
+    """The contract's error body for `error`: the one shape every failure answers with."""
     body: dict[str, object] = {"type": error_type(error.status), "message": error.message}
     if error.errors is not None:
         body["errors"] = error.errors
     if error.param is not None:
         body["param"] = error.param
-    body["request_id"] = request.get(REQUEST_ID, "")
-    body["documentation_url"] = f"{request.app[SETTINGS].error_docs_url}#{body['type']}"
+    body["request_id"] = request_id
+    body["documentation_url"] = f"{docs_url}#{body['type']}"
     return web.Response(
         status=error.status,
         body=orjson.dumps(body),
@@ -149,6 +155,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time every request; label it by route template, never by raw path."""
     started = time.perf_counter()
+    route = request[ROUTE] = route_template(request) or "unmatched"
     status = 500
     try:
         response = await handler(request)
@@ -158,6 +165,6 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = error.status
         raise
     finally:
-        request.app[METRICS].http_duration.labels(
-            request.method, route_template(request) or "unmatched", str(status)
-        ).observe(time.perf_counter() - started)
+        request.app[METRICS].http_duration.labels(request.method, route, str(status)).observe(
+            time.perf_counter() - started
+        )
