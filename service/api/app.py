@@ -2,7 +2,7 @@
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 from aiohttp import web
@@ -28,7 +28,7 @@ from service.api.middleware import (
     request_id_middleware,
 )
 from service.api.openapi import render_openapi
-from service.errors import DATABASE_UNAVAILABLE
+from service.errors import DATABASE_UNAVAILABLE, DatabaseUnreachable
 from service.events.runtime import events_running
 from service.metrics import Metrics
 from service.settings import Settings
@@ -49,6 +49,14 @@ class PooledConnection(asyncpg.Connection):
         return ""
 
 
+async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """`asyncpg.connect` for the pool; failing to reach the server is `DatabaseUnreachable`."""
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except (OSError, TimeoutError) as error:
+        raise DatabaseUnreachable(type(error).__name__) from error
+
+
 async def database_pool(app: web.Application) -> AsyncIterator[None]:
     """The asyncpg pool, open for the application's lifetime.
 
@@ -60,11 +68,18 @@ async def database_pool(app: web.Application) -> AsyncIterator[None]:
     def create_pool(min_size: int) -> asyncpg.Pool:
         return asyncpg.create_pool(
             settings.database_url,
+            connect=_connect,
             connection_class=PooledConnection,
             min_size=min_size,
             max_size=settings.db_pool_max,
-            # Bound every statement: a stuck query must not hold a request (and a connection).
-            server_settings={"statement_timeout": str(settings.db_statement_timeout_ms)},
+            server_settings={
+                # Bound every statement: a stuck query must not hold a request (and a connection).
+                "statement_timeout": str(settings.db_statement_timeout_ms),
+                # A session whose client is gone (the service answered 503 when its connection
+                # dropped) is ended while its statement waits, e.g. on a row lock, instead of
+                # committing a write nobody was told about.
+                "client_connection_check_interval": "1000",
+            },
         )
 
     try:

@@ -12,7 +12,7 @@ from marshmallow import ValidationError
 
 from service.api.auth import READ_SCOPE, WRITE_SCOPE, InvalidToken
 from service.api.keys import METRICS, PRINCIPAL, REQUEST_ID, SETTINGS, TOKEN_VERIFIER
-from service.errors import DATABASE_UNAVAILABLE, ApiError, error_type, validation_error
+from service.errors import ApiError, database_unavailable, error_type, validation_error
 from service.logs import REQUEST_ID_VAR, ROUTE, describe_exception, route_template
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -57,7 +57,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if error.status < 400:
             raise  # redirects and the like are answers, not errors
         return error_response(request, _from_http_exception(error))
-    except DATABASE_UNAVAILABLE as error:
+    except Exception as error:
+        if not database_unavailable(error):
+            _log_failure(request, error, "unexpected error")
+            return error_response(request, ApiError(500, "An unexpected error occurred."))
         _log_failure(request, error, "database unavailable")
         return error_response(
             request,
@@ -65,9 +68,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 503, "The service is unavailable; retry shortly.", headers={"Retry-After": "1"}
             ),
         )
-    except Exception as error:
-        _log_failure(request, error, "unexpected error")
-        return error_response(request, ApiError(500, "An unexpected error occurred."))
 
 
 def _from_http_exception(error: web.HTTPException) -> ApiError:
