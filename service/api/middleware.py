@@ -121,7 +121,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Every /v1 request needs a valid bearer token with the scope its method calls for."""
     if not request.path.startswith("/v1/"):
         return await handler(request)
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    credentials = request.headers.getall("Authorization", [])
+    if len(credentials) > 1:  # which one counts is ambiguous: a proxy may have added one
+        raise ApiError(
+            401,
+            "Send exactly one Authorization header.",
+            headers={"WWW-Authenticate": 'Bearer realm="conversations", error="invalid_request"'},
+        )
+    scheme, _, token = (credentials[0] if credentials else "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(
             401,
