@@ -51,8 +51,7 @@ async def statuses(base: str) -> dict[str, float]:
     return {
         sample.labels["status"]: sample.value
         for sample in samples(text, "http_server_request_duration_seconds_count")
-        if sample.labels["method"] == "POST"
-        and sample.labels["route"] == "/v1/conversations"
+        if sample.labels["method"] == "POST" and sample.labels["route"] == "/v1/conversations"
     }
 
 

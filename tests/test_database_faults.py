@@ -74,13 +74,18 @@ async def test_a_database_outage_is_503_then_recovers_with_nothing_lost(
     assert await db.fetchval("SELECT count(*) FROM outbox") == 2
 
 
-async def activity(db, condition: str) -> int | None:
-    """The pid of a session of this database matching `condition`, as of now: inside a transaction
-    pg_stat_activity would keep showing the first snapshot taken."""
+async def sessions(db, query: str, *args: object) -> int | None:
+    """`query` on pg_stat_activity as of now: inside a transaction it would keep showing the
+    first snapshot taken."""
     await db.execute("SELECT pg_stat_clear_snapshot()")
-    return await db.fetchval(
-        f"SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND {condition}"
-    )
+    return await db.fetchval(query, *args)
+
+
+LOCK_WAITER = (
+    "SELECT pid FROM pg_stat_activity"
+    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
+ALIVE = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
 
 
 async def test_a_write_cut_off_by_the_database_going_away_is_503_and_never_commits(
@@ -102,7 +107,7 @@ async def test_a_write_cut_off_by_the_database_going_away_is_503_and_never_commi
     await db.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", created["id"])
     update = asyncio.create_task(client.patch(item, json={"is_muted": True}, headers=headers))
     async with asyncio.timeout(30):  # a safety bound, not a timing assertion
-        while not (pid := await activity(db, "wait_event_type = 'Lock'")):
+        while not (pid := await sessions(db, LOCK_WAITER)):
             await asyncio.sleep(0.02)
 
     await proxy.cut()
@@ -114,7 +119,7 @@ async def test_a_write_cut_off_by_the_database_going_away_is_503_and_never_commi
     # The abandoned session ends while it still waits; only then is the row let go, so a
     # session that lived on would commit the update now, after its caller was told 503.
     async with asyncio.timeout(30):
-        while await activity(db, f"pid = {pid}"):
+        while await sessions(db, ALIVE, pid):
             await asyncio.sleep(0.05)
     await lock.rollback()
     row = await db.fetchrow(
@@ -140,13 +145,9 @@ def test_failures_of_the_database_connection_mean_unavailable(error):
 
 
 def test_an_error_raised_while_cleaning_up_after_a_lost_connection_means_unavailable():
-    try:
-        try:
-            raise asyncpg.ConnectionDoesNotExistError("closed mid-operation")
-        except asyncpg.ConnectionDoesNotExistError:
-            raise asyncpg.InterfaceError("cannot perform operation: connection is closed")  # noqa: B904
-    except asyncpg.InterfaceError as error:
-        assert database_unavailable(error)
+    error = asyncpg.InterfaceError("cannot perform operation: connection is closed")
+    error.__context__ = asyncpg.ConnectionDoesNotExistError("closed mid-operation")
+    assert database_unavailable(error)
 
 
 @pytest.mark.parametrize(

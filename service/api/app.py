@@ -12,6 +12,7 @@ from service.api.auth import TokenVerifier
 from service.api.bodies import MAX_BODY_BYTES
 from service.api.keys import (
     DB_POOL,
+    DEPENDENCY_LOG,
     EVENTS,
     LIFECYCLE,
     METRICS,
@@ -30,10 +31,15 @@ from service.api.middleware import (
 from service.api.openapi import render_openapi
 from service.errors import DATABASE_UNAVAILABLE, DatabaseUnreachable
 from service.events.runtime import events_running
+from service.logs import Throttle
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# During an outage every request fails alike: one "database unavailable" line per type of
+# failure this often, counting the ones held back, instead of one per request.
+DEPENDENCY_LOG_INTERVAL_SECONDS = 10.0
 
 
 class PooledConnection(asyncpg.Connection):
@@ -122,6 +128,7 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     app[ROLE] = role
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics()
+    app[DEPENDENCY_LOG] = Throttle(DEPENDENCY_LOG_INTERVAL_SECONDS)
     app[TOKEN_VERIFIER] = TokenVerifier(settings.auth)
     app[OPENAPI_DOCUMENT] = render_openapi()
     app.cleanup_ctx.append(database_pool)

@@ -11,9 +11,16 @@ from aiohttp import web
 from marshmallow import ValidationError
 
 from service.api.auth import READ_SCOPE, WRITE_SCOPE, InvalidToken
-from service.api.keys import METRICS, PRINCIPAL, REQUEST_ID, SETTINGS, TOKEN_VERIFIER
+from service.api.keys import (
+    DEPENDENCY_LOG,
+    METRICS,
+    PRINCIPAL,
+    REQUEST_ID,
+    SETTINGS,
+    TOKEN_VERIFIER,
+)
 from service.errors import ApiError, database_unavailable, error_type, validation_error
-from service.logs import REQUEST_ID_VAR, ROUTE, describe_exception, route_template
+from service.logs import REQUEST_ID_VAR, ROUTE, describe_exception, route_template, set_request_id
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -35,7 +42,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     given = request.headers.get("X-Request-ID", "")
     request_id = given if _REQUEST_ID_PATTERN.fullmatch(given) else new_request_id()
     request[REQUEST_ID] = request_id
-    token = REQUEST_ID_VAR.set(request_id)
+    token = set_request_id(request_id)
     try:
         response = await handler(request)
     finally:
@@ -61,7 +68,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if not database_unavailable(error):
             _log_failure(request, error, "unexpected error")
             return error_response(request, ApiError(500, "An unexpected error occurred."))
-        _log_failure(request, error, "database unavailable")
+        held_back = request.app[DEPENDENCY_LOG].admit(type(error))
+        if held_back is not None:
+            _log_failure(request, error, "database unavailable", held_back=held_back)
         return error_response(
             request,
             ApiError(
@@ -84,13 +93,20 @@ def _from_http_exception(error: web.HTTPException) -> ApiError:
     return ApiError(error.status, message, headers=headers)
 
 
-def _log_failure(request: web.Request, error: BaseException, what: str) -> None:
+def _log_failure(
+    request: web.Request, error: BaseException, what: str, *, held_back: int = 0
+) -> None:
     # Only the exception's type and where it was raised: messages and traces can carry SQL or data.
     log.error(
-        "%s: %s",
+        "%s: %s%s",
         what,
         describe_exception(error),
-        extra={"request_id": request.get(REQUEST_ID), "route": request.get(ROUTE)},
+        f" (and {held_back} more like it since the last line)" if held_back else "",
+        extra={
+            "request_id": request.get(REQUEST_ID),
+            "route": request.get(ROUTE),
+            "held_back": held_back or None,
+        },
     )
 
 
