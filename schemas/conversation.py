@@ -100,10 +100,16 @@ class ConversationListQuerySchema(Schema):
         validate=validate.Range(1, 100, error="Must be between {min} and {max}."),
     )
     starting_after = conversation_id(
-        metadata={"description": "Cursor: the page of older conversations after this id."}
+        metadata={
+            "description": "Cursor: the page of older conversations after this id. "
+            "Not together with ending_before (400)."
+        }
     )
     ending_before = conversation_id(
-        metadata={"description": "Cursor: the page of newer conversations before this id."}
+        metadata={
+            "description": "Cursor: the page of newer conversations before this id. "
+            "Not together with starting_after (400)."
+        }
     )
     archived = fields.Boolean(truthy={"true"}, falsy={"false"})
     muted = fields.Boolean(truthy={"true"}, falsy={"false"})
