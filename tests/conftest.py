@@ -84,8 +84,8 @@ async def db_url(template_database: str) -> AsyncIterator[str]:
     await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def auth_settings() -> AuthSettings:
+def make_auth_settings() -> AuthSettings:
+    """The tests' token settings: one HS256 secret, no audience or issuer, no leeway."""
     return AuthSettings(
         hs256_secrets=(TEST_SECRET,),
         public_keys_pem=(),
@@ -96,7 +96,17 @@ def auth_settings() -> AuthSettings:
 
 
 @pytest.fixture
+def auth_settings() -> AuthSettings:
+    return make_auth_settings()
+
+
+@pytest.fixture
 def settings(db_url: str, auth_settings: AuthSettings) -> Settings:
+    return make_settings(db_url, auth_settings)
+
+
+def make_settings(db_url: str, auth_settings: AuthSettings) -> Settings:
+    """The tests' settings for the database at `db_url`."""
     return Settings(
         database_url=db_url,
         host="127.0.0.1",
