@@ -230,12 +230,18 @@ def test_no_log_format_prints_a_traceback(formatter):
 
 
 async def test_readiness_fails_from_the_first_moment_of_shutdown(client):
-    assert (await client.get("/readyz")).status == 200
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert resp.headers.get("Connection") != "close"
     await client.app.on_shutdown.send(client.app)
     resp = await client.get("/readyz")
     assert resp.status == 503
     assert (await resp.json())["type"] == "api_error"
-    assert (await client.get("/healthz")).status == 200  # alive, just not taking new traffic
+    resp = await client.get("/healthz")
+    assert resp.status == 200  # alive, just not taking new traffic
+    # Answers from now on close their connection and say so: a kept-alive client opens a new
+    # one (to another replica) for its next request instead of having it reset.
+    assert resp.headers["Connection"] == "close"
 
 
 async def test_sigterm_under_load_fails_no_accepted_request_and_loses_no_event(

@@ -13,6 +13,7 @@ from marshmallow import ValidationError
 from service.api.auth import READ_SCOPE, WRITE_SCOPE, InvalidToken
 from service.api.keys import (
     DEPENDENCY_LOG,
+    LIFECYCLE,
     METRICS,
     PRINCIPAL,
     REQUEST_ID,
@@ -38,7 +39,8 @@ def new_request_id() -> str:
 
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give every request an id (the caller's X-Request-ID if sane) and echo it on the response."""
+    """Give every request an id (the caller's X-Request-ID if sane) and echo it on the response;
+    once shutdown has begun, answers say `Connection: close`."""
     given = request.headers.get("X-Request-ID", "")
     request_id = given if _REQUEST_ID_PATTERN.fullmatch(given) else new_request_id()
     request[REQUEST_ID] = request_id
@@ -48,6 +50,10 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     finally:
         REQUEST_ID_VAR.reset(token)
     response.headers["X-Request-ID"] = request_id
+    if request.app[LIFECYCLE].stopping:
+        # Shutting down: the connection closes after this answer, and the client is told so
+        # (Connection: close) instead of finding out with its next request.
+        response.force_close()
     return response
 
 
