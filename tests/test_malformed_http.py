@@ -135,3 +135,33 @@ async def test_a_token_over_8_kib_is_accepted(served):
     status, _, body = await exchange(served, request(f"Authorization: Bearer {token}".encode()))
     assert status == 200, body
     assert orjson.loads(body)["data"] == []
+
+
+async def test_a_bad_chunk_after_the_headers_were_accepted_is_400_at_once(served, headers, db):
+    parts = urlsplit(served)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        writer.write(
+            request(
+                f"Authorization: {headers['Authorization']}".encode(),
+                b"Content-Type: application/json",
+                b"Transfer-Encoding: chunked",
+                b"Expect: 100-continue",
+                start=b"POST /v1/conversations HTTP/1.1",
+            )
+        )
+        async with asyncio.timeout(30):  # a safety bound, not a timing assertion
+            # The handler is reading the body: what comes now is parsed as its chunks.
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b'3\r\n{"c\r\nZZ' + SECRET_MARKER.encode() + b"\r\n\r\n")
+            answer = await reader.read()  # everything, until the server closes
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"Connection: close" in head
+    error = orjson.loads(body)
+    assert error["type"] == "invalid_request"
+    assert "chunk" in error["message"]
+    assert SECRET_MARKER not in answer.decode()
+    assert await db.fetchval("select count(*) from conversations") == 0

@@ -11,6 +11,7 @@ from marshmallow import Schema, fields
 from multidict import MultiMapping
 
 from schemas.fields import StrictBoolean
+from service.api.keys import MALFORMED_BODY
 from service.errors import ApiError, validation_error
 
 MAX_BODY_BYTES = 64 * 1024
@@ -71,7 +72,7 @@ async def _read(request: web.Request) -> bytes:
     connection (and the database connection its request will take) for long."""
     try:
         async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
-            return await request.read()
+            body = await request.read()
     except TimeoutError:
         raise ApiError(
             408,
@@ -81,6 +82,13 @@ async def _read(request: web.Request) -> bytes:
     except ConnectionError:
         # The client hung up mid-body: nobody reads the answer, and it is not a failure of ours.
         raise ApiError(CLIENT_CLOSED, "The client closed the connection.") from None
+    if request.get(MALFORMED_BODY):
+        raise ApiError(
+            400,
+            "The request body is not valid HTTP/1.1 (a bad chunk); nothing was done.",
+            headers={"Connection": "close"},
+        )
+    return body
 
 
 async def _parse_form(request: web.Request) -> MultiMapping[str]:

@@ -32,3 +32,5 @@ DEPENDENCY_LOG = web.AppKey("dependency_log", Throttle)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
+# Set by the connection protocol when the HTTP parser failed inside the request's body.
+MALFORMED_BODY = web.RequestKey("malformed_body", bool)

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 
-from service.api.keys import REQUEST_ID, SETTINGS
+from service.api.keys import MALFORMED_BODY, REQUEST_ID, SETTINGS
 from service.api.middleware import new_request_id, render_error
 from service.errors import ApiError
 from service.logs import AccessLogger, describe_exception
@@ -42,6 +42,20 @@ class ContractRequestHandler(web.RequestHandler):
     def __init__(self, manager: web.Server, *, error_docs_url: str, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.error_docs_url = error_docs_url
+
+    def data_received(self, data: bytes) -> None:
+        """Parse `data`; if the parser fails inside the body of the request being handled (a bad
+        chunk), that body ends there, marked malformed, and the connection closes after the
+        answer. aiohttp would leave the handler waiting for the rest of a body that never comes.
+        """
+        reading = self._current_request
+        queued = len(self._messages)
+        super().data_received(data)
+        if reading is not None and len(self._messages) > queued and not reading.content.is_eof():
+            # While a body is incomplete the parser queues nothing but its own failure.
+            reading[MALFORMED_BODY] = True
+            reading.content.feed_eof()
+            self.close()
 
     def handle_error(
         self,
