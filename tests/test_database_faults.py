@@ -164,3 +164,29 @@ def test_an_error_raised_while_cleaning_up_after_a_lost_connection_means_unavail
 )
 def test_other_failures_do_not_mean_the_database_is_unavailable(error):
     assert not database_unavailable(error)
+
+
+async def test_a_session_the_server_terminates_mid_write_is_503_then_the_service_recovers(
+    client, headers, db
+):
+    """What a PostgreSQL restart (or a failover) does to the sessions it finds: FATAL 57P01."""
+    resp = await client.post("/v1/conversations", json={"contact_id": "c1"}, headers=headers)
+    created = await resp.json()
+    item = f"/v1/conversations/{created['id']}"
+    lock = db.transaction()
+    await lock.start()
+    await db.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", created["id"])
+    update = asyncio.create_task(client.patch(item, json={"is_muted": True}, headers=headers))
+    async with asyncio.timeout(30):  # a safety bound, not a timing assertion
+        while not (pid := await sessions(db, LOCK_WAITER)):
+            await asyncio.sleep(0.02)
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
+    resp = await update
+    await error_body(resp, 503, "api_error")
+    assert resp.headers["Retry-After"] == "1"
+    await lock.rollback()
+
+    resp = await client.get(item, headers=headers)  # the pool replaced the lost connection
+    assert resp.status == 200
+    assert await resp.json() == created
+    assert await db.fetchval("SELECT count(*) FROM outbox") == 1
