@@ -140,11 +140,15 @@ class ConversationListQuerySchema(Schema):
     starting_after = fields.String(
         metadata={
             "description": "Cursor: the page after this position (a page's cursors.after). "
-            "A conversation id under -created_at, an opaque cursor under -last_active_at."
+            "A conversation id under -created_at, an opaque cursor under -last_active_at. "
+            "Not together with ending_before (400)."
         }
     )
     ending_before = fields.String(
-        metadata={"description": "Cursor: the page before this position (a page's cursors.before)."}
+        metadata={
+            "description": "Cursor: the page before this position (a page's cursors.before). "
+            "Not together with starting_after (400)."
+        }
     )
     unread = fields.Boolean(
         truthy={"true"},

@@ -3,7 +3,6 @@
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -70,21 +69,18 @@ def _run_workers(settings: Settings) -> int:
 
 def _run_one(settings: Settings, role: Literal["api", "relay"], *, reuse_port: bool = False) -> int:
     import uvloop
-    from aiohttp import web
 
     from service.api.app import create_app
-    from service.logs import AccessLogger
+    from service.api.server import run
 
-    web.run_app(
+    run(
         create_app(settings, role=role),
         host=settings.host,
         port=settings.port if role == "api" else settings.relay_http_port,
         # In-flight requests get this long to finish after SIGTERM; then connections close.
         shutdown_timeout=settings.shutdown_timeout_seconds,
-        access_log_class=AccessLogger,
-        print=lambda message: logging.getLogger("service").info(message.strip()),
         loop=uvloop.new_event_loop(),
-        reuse_port=reuse_port or None,
+        reuse_port=reuse_port,
     )
     return 0
 

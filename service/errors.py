@@ -23,15 +23,47 @@ ERROR_TYPE_BY_STATUS = {
 }
 
 
-# Failures that mean "the database is not there right now": 503, worth a retry.
+class DatabaseUnreachable(Exception):
+    """Opening a connection to PostgreSQL failed: refused, unreachable, or timed out.
+
+    The pool's connect raises it instead of the bare OSError or TimeoutError, which in a request
+    could as well come from the client hanging up.
+    """
+
+
+# Failures of the database connection: the database is not there right now (503, worth a retry).
+DATABASE_CONNECTION_FAILURES = (
+    DatabaseUnreachable,
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08; the connection closed mid-operation
+    asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
+    asyncpg.AdminShutdownError,  # 57P01: the server was stopped under the session
+    asyncpg.CrashShutdownError,  # 57P02: another backend crashed, the server restarts
+    asyncpg.TooManyConnectionsError,
+    asyncpg.QueryCanceledError,  # 57014: statement_timeout, the database is too slow to answer
+    # asyncpg's protocol when the connection drops under it ("unexpected connection_lost").
+    asyncpg.InternalClientError,
+)
+
+# The same for code that talks to nothing but the database (the relay, start-up, the probes):
+# there an OSError or a TimeoutError can only be the database's, and an InterfaceError is a
+# connection asyncpg already closed.
 DATABASE_UNAVAILABLE = (
     OSError,
     TimeoutError,
-    asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
+    *DATABASE_CONNECTION_FAILURES,
 )
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether `error` means the database went away: a connection failure, or an error raised
+    while cleaning up after one (a rollback on the closed connection)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, DATABASE_CONNECTION_FAILURES):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def error_type(status: int) -> str:

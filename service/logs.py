@@ -1,24 +1,71 @@
 """Logging set-up: one JSON object per line for machines, or plain lines for people."""
 
+import asyncio
 import contextvars
 import logging
+import math
 import time
+import traceback
+from collections.abc import Hashable
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-# The request being served, set by the request-id middleware: every log line of a request
-# carries its id without threading it through every call.
-REQUEST_ID_VAR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "request_id", default=None
+# The request being served and the task serving it, set by the request-id middleware: every log
+# line of a request carries its id without threading it through every call. Tasks started while
+# a request runs (a pool's reconnect, a relay wake-up) inherit the variable but are not the
+# request's work: the task kept with the id tells them apart.
+REQUEST_ID_VAR: contextvars.ContextVar[tuple[str, asyncio.Task[Any] | None] | None] = (
+    contextvars.ContextVar("request_id", default=None)
 )
+
+
+def set_request_id(request_id: str) -> contextvars.Token[Any]:
+    """Make `request_id` the id of this task's log lines (until `REQUEST_ID_VAR.reset`)."""
+    return REQUEST_ID_VAR.set((request_id, asyncio.current_task()))
+
+
+def current_request_id() -> str | None:
+    """The id of the request this task serves; None in background work and outside requests."""
+    value = REQUEST_ID_VAR.get()
+    if value is None:
+        return None
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # a thread without an event loop: not the request's task
+        return None
+    return value[0] if task is value[1] else None
+
+
+class Throttle:
+    """One log line per kind per `interval` seconds; the lines held back are counted in the next.
+
+    An outage fails every request the same way: one line with a count says as much as thousands.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._windows: dict[Hashable, tuple[float, int]] = {}  # kind -> (window start, held back)
+
+    def admit(self, kind: Hashable) -> int | None:
+        """None if this line is held back; otherwise how many were since the last one."""
+        now = time.monotonic()
+        start, held = self._windows.get(kind, (-math.inf, 0))
+        if now - start >= self.interval:
+            self._windows[kind] = (now, 0)
+            return held
+        self._windows[kind] = (start, held + 1)
+        return None
+
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
 class JsonFormatter(logging.Formatter):
-    """`{"timestamp", "level", "logger", "message", ...extra}` on one line, no traceback text."""
+    """`{"timestamp", "level", "logger", "message", ...extra}` on one line; of an exception, only
+    its type and where it was raised (`error`), never a traceback."""
 
     _second = -1
     _second_text = ""
@@ -36,9 +83,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        request_id = REQUEST_ID_VAR.get()
+        request_id = current_request_id()
         if request_id is not None:
             entry["request_id"] = request_id
+        if record.exc_info and record.exc_info[1] is not None:
+            entry["error"] = describe_exception(record.exc_info[1])
         attributes = record.__dict__
         for key in attributes.keys() - _STANDARD:
             value = attributes[key]
@@ -47,13 +96,30 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class ConsoleFormatter(logging.Formatter):
+    """`time LEVEL logger: message` for people; of an exception, only its type and where it was
+    raised, never a traceback: libraries (asyncpg, aiormq) log them with `exc_info`, and their
+    text can carry SQL, data or credentials."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        if record.exc_info and record.exc_info[1] is not None:
+            line += f" [{describe_exception(record.exc_info[1])}]"
+        return line
+
+
 def configure_logging(level: str, log_format: str) -> None:
     """Route every logger to stderr in `log_format` ("json" or "console")."""
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(ConsoleFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -65,12 +131,27 @@ def configure_logging(level: str, log_format: str) -> None:
     logging.logMultiprocessing = False
 
 
-def route_template(request: web.BaseRequest) -> str | None:
+def route_template(request: web.Request) -> str | None:
     """The matched route's template (`/v1/conversations/{id}`), never the raw path."""
-    if not isinstance(request, web.Request):
-        return None
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else None
+
+
+# The route template, or "unmatched", set by the metrics middleware for the access log: a request
+# that aiohttp's parser refused never reached the router and has no route at all.
+ROUTE = web.RequestKey("route", str)
+
+
+def describe_exception(error: BaseException | None) -> str:
+    """`TypeName at file:line` where it was raised: never the message, which can carry data."""
+    if error is None:
+        return "no exception"
+    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    return (
+        f"{type(error).__name__} at {frame.filename}:{frame.lineno}"
+        if frame
+        else type(error).__name__
+    )
 
 
 class AccessLogger(web.AbstractAccessLogger):
@@ -80,17 +161,17 @@ class AccessLogger(web.AbstractAccessLogger):
     """
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        route = route_template(request)
+        route = request.get(ROUTE, "unmatched")
         self.logger.info(
             "%s %s %s %.1fms",
             request.method,
-            route or "unmatched",
+            route,
             response.status,
             time * 1000,
             extra={
                 "request_id": response.headers.get("X-Request-ID"),
                 "method": request.method,
-                "route": route or "unmatched",
+                "route": route,
                 "status": response.status,
                 "duration": round(time, 6),
             },

@@ -11,13 +11,16 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from service.api.app import create_app
 from service.api.auth import mint_token
+from service.api.server import ServiceRunner
 from service.migrations import migrate
 from service.settings import AuthSettings, EventSettings, Settings
 from tests.events_support import Subscriber, amqp_url
+from tests.proxy import free_port
 
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnop"
 ALL_SCOPES = ["conversations:read", "conversations:write"]
@@ -81,8 +84,8 @@ async def db_url(template_database: str) -> AsyncIterator[str]:
     await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def auth_settings() -> AuthSettings:
+def make_auth_settings() -> AuthSettings:
+    """The tests' token settings: one HS256 secret, no audience or issuer, no leeway."""
     return AuthSettings(
         hs256_secrets=(TEST_SECRET,),
         public_keys_pem=(),
@@ -93,7 +96,17 @@ def auth_settings() -> AuthSettings:
 
 
 @pytest.fixture
+def auth_settings() -> AuthSettings:
+    return make_auth_settings()
+
+
+@pytest.fixture
 def settings(db_url: str, auth_settings: AuthSettings) -> Settings:
+    return make_settings(db_url, auth_settings)
+
+
+def make_settings(db_url: str, auth_settings: AuthSettings) -> Settings:
+    """The tests' settings for the database at `db_url`."""
     return Settings(
         database_url=db_url,
         host="127.0.0.1",
@@ -191,3 +204,15 @@ def event_settings(settings, exchange):
         settings.events, amqp_url=amqp_url(), exchange=exchange, relay_enabled=True
     )
     return dataclasses.replace(settings, events=events)
+
+
+@pytest.fixture
+async def served(settings: Settings) -> AsyncIterator[str]:
+    """The app as `conversations serve` serves it (its runner and connection protocol), on a free
+    loopback port: what aiohttp's parser refuses never reaches the test client's server."""
+    runner = ServiceRunner(create_app(settings), shutdown_timeout=5)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()

@@ -177,6 +177,23 @@ async def test_a_valid_token_under_another_scheme_is_401(client, make_token, acc
     assert "Bearer" in body["message"]
 
 
+@pytest.mark.parametrize("second", ["valid", "invalid", "same"])
+async def test_two_authorization_headers_are_401(client, make_token, account, db, second):
+    """An ambiguous credential is refused, whichever of the two would have verified."""
+    token = make_token(account)
+    other = {"valid": make_token("acct_other"), "invalid": "not-a-token", "same": token}[second]
+    for method, body in (("GET", None), ("POST", {"contact_id": "c1"})):
+        resp = await client.request(
+            method,
+            URL,
+            json=body,
+            headers=[("Authorization", f"Bearer {token}"), ("Authorization", f"Bearer {other}")],
+        )
+        body = await assert_unauthenticated(resp, token)
+        assert "one Authorization header" in body["message"]
+    assert await db.fetchval("select count(*) from conversations") == 0
+
+
 async def test_a_missing_token_is_challenged_without_an_error_code(client):
     resp = await client.get(URL)
     await assert_unauthenticated(resp)

@@ -1,12 +1,16 @@
 """PostgreSQL going away: the service answers 503 (never 500, never a hang), loses no committed
 write, and recovers by itself when the database returns."""
 
+import asyncio
 import dataclasses
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from service.api.app import create_app
+from service.errors import DatabaseUnreachable, database_unavailable
+from tests.error_bodies import error_body
 from tests.proxy import TcpProxy, free_port, via_port
 
 
@@ -68,3 +72,121 @@ async def test_a_database_outage_is_503_then_recovers_with_nothing_lost(
     resp = await client.get(f"/v1/conversations/{before['id']}", headers=headers)
     assert await resp.json() == before
     assert await db.fetchval("SELECT count(*) FROM outbox") == 2
+
+
+async def sessions(db, query: str, *args: object) -> int | None:
+    """`query` on pg_stat_activity as of now: inside a transaction it would keep showing the
+    first snapshot taken."""
+    await db.execute("SELECT pg_stat_clear_snapshot()")
+    return await db.fetchval(query, *args)
+
+
+LOCK_WAITER = (
+    "SELECT pid FROM pg_stat_activity"
+    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
+ALIVE = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
+
+
+async def test_a_write_cut_off_by_the_database_going_away_is_503_and_never_commits(
+    aiohttp_client, settings, headers, proxy, db
+):
+    client = await aiohttp_client(
+        create_app(
+            dataclasses.replace(settings, database_url=via_port(settings.database_url, proxy.port))
+        )
+    )
+    resp = await client.post("/v1/conversations", json={"contact_id": "c1"}, headers=headers)
+    assert resp.status == 201
+    created = await resp.json()
+    item = f"/v1/conversations/{created['id']}"
+
+    # Hold the row so that the update waits inside PostgreSQL when its connection drops.
+    lock = db.transaction()
+    await lock.start()
+    await db.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", created["id"])
+    update = asyncio.create_task(client.patch(item, json={"is_muted": True}, headers=headers))
+    async with asyncio.timeout(30):  # a safety bound, not a timing assertion
+        while not (pid := await sessions(db, LOCK_WAITER)):
+            await asyncio.sleep(0.02)
+
+    await proxy.cut()
+    resp = await update
+    body = await error_body(resp, 503, "api_error")
+    assert resp.headers["Retry-After"] == "1"
+    assert body["message"] == "The service is unavailable; retry shortly."
+
+    # The abandoned session ends while it still waits; only then is the row let go, so a
+    # session that lived on would commit the update now, after its caller was told 503.
+    async with asyncio.timeout(30):
+        while await sessions(db, ALIVE, pid):
+            await asyncio.sleep(0.05)
+    await lock.rollback()
+    row = await db.fetchrow(
+        "SELECT is_muted, version FROM conversations WHERE id = $1", created["id"]
+    )
+    assert (row["is_muted"], row["version"]) == (False, 1)
+    assert await db.fetchval("SELECT count(*) FROM outbox") == 1  # the create's event alone
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        asyncpg.InternalClientError("unexpected connection_lost() call"),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.CannotConnectNowError("the database system is starting up"),
+        DatabaseUnreachable("ConnectionRefusedError"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_failures_of_the_database_connection_mean_unavailable(error):
+    assert database_unavailable(error)
+
+
+def test_an_error_raised_while_cleaning_up_after_a_lost_connection_means_unavailable():
+    error = asyncpg.InterfaceError("cannot perform operation: connection is closed")
+    error.__context__ = asyncpg.ConnectionDoesNotExistError("closed mid-operation")
+    assert database_unavailable(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionResetError("Connection lost"),  # the client hung up
+        TimeoutError(),
+        OSError("not the database's"),
+        asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
+        asyncpg.UniqueViolationError("duplicate key"),
+        ValueError("a bug"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_other_failures_do_not_mean_the_database_is_unavailable(error):
+    assert not database_unavailable(error)
+
+
+async def test_a_session_the_server_terminates_mid_write_is_503_then_the_service_recovers(
+    client, headers, db
+):
+    """What a PostgreSQL restart (or a failover) does to the sessions it finds: FATAL 57P01."""
+    resp = await client.post("/v1/conversations", json={"contact_id": "c1"}, headers=headers)
+    created = await resp.json()
+    item = f"/v1/conversations/{created['id']}"
+    lock = db.transaction()
+    await lock.start()
+    await db.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", created["id"])
+    update = asyncio.create_task(client.patch(item, json={"is_muted": True}, headers=headers))
+    async with asyncio.timeout(30):  # a safety bound, not a timing assertion
+        while not (pid := await sessions(db, LOCK_WAITER)):
+            await asyncio.sleep(0.02)
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
+    resp = await update
+    await error_body(resp, 503, "api_error")
+    assert resp.headers["Retry-After"] == "1"
+    await lock.rollback()
+
+    resp = await client.get(item, headers=headers)  # the pool replaced the lost connection
+    assert resp.status == 200
+    assert await resp.json() == created
+    assert await db.fetchval("SELECT count(*) FROM outbox") == 1

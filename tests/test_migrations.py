@@ -426,7 +426,7 @@ def no_serving(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the server was started")
 
-    monkeypatch.setattr("aiohttp.web.run_app", refuse)
+    monkeypatch.setattr("service.api.server.run", refuse)
     monkeypatch.setattr("uvloop.install", lambda: None)
 
 

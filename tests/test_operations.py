@@ -16,11 +16,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.app import create_app
 from service.api.auth import mint_token
+from service.api.keys import DEPENDENCY_LOG
 from service.events.broker import Broker
 from service.events.relay import Relay
-from service.logs import AccessLogger, JsonFormatter
+from service.logs import (
+    REQUEST_ID_VAR,
+    AccessLogger,
+    ConsoleFormatter,
+    JsonFormatter,
+    set_request_id,
+)
 from tests.events_support import amqp_url
-from tests.proxy import free_port
+from tests.proxy import free_port, via_port
 
 
 def samples(text: str, name: str) -> list:
@@ -165,16 +172,76 @@ async def test_no_database_password_in_logs_when_the_database_is_down(
     assert password not in text
 
 
+async def test_an_outage_logs_one_line_per_interval_with_a_count(
+    settings, aiohttp_client, headers, json_logs
+):
+    url = via_port(settings.database_url, free_port())  # nothing listens there
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, database_url=url)))
+    for _ in range(20):
+        assert (await client.get("/v1/conversations", headers=headers)).status == 503
+
+    def outage_lines() -> list[dict]:
+        lines = [orjson.loads(line) for line in json_logs.getvalue().splitlines()]
+        return [line for line in lines if line["message"].startswith("database unavailable")]
+
+    [first] = outage_lines()
+    assert first["level"] == "ERROR"
+    assert "held_back" not in first
+    client.app[DEPENDENCY_LOG].interval = 0  # the interval has passed
+    assert (await client.get("/v1/conversations", headers=headers)).status == 503
+    _, second = outage_lines()
+    assert second["held_back"] == 19
+    assert "and 19 more like it since the last line" in second["message"]
+
+
+async def test_work_started_by_a_request_logs_without_the_request_id(json_logs):
+    log = logging.getLogger("tests.background")
+
+    async def background() -> None:
+        log.warning("from a task the request started")
+
+    token = set_request_id("req-own")
+    try:
+        log.info("from the request")
+        await asyncio.create_task(background())
+    finally:
+        REQUEST_ID_VAR.reset(token)
+    own, other = [orjson.loads(line) for line in json_logs.getvalue().splitlines()]
+    assert own["request_id"] == "req-own"
+    assert "request_id" not in other
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter, ConsoleFormatter])
+def test_no_log_format_prints_a_traceback(formatter):
+    try:
+        raise ValueError("secret-row-data")
+    except ValueError:
+        record = logging.getLogger("asyncpg.pool").makeRecord(
+            "asyncpg.pool", logging.WARNING, __file__, 1, "retrying", (), sys.exc_info()
+        )
+    line = formatter().format(record)
+    assert "Traceback" not in line
+    assert "secret-row-data" not in line
+    assert "ValueError at " in line
+    assert "\n" not in line
+
+
 # --- shutdown -----------------------------------------------------------------------------------
 
 
 async def test_readiness_fails_from_the_first_moment_of_shutdown(client):
-    assert (await client.get("/readyz")).status == 200
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert resp.headers.get("Connection") != "close"
     await client.app.on_shutdown.send(client.app)
     resp = await client.get("/readyz")
     assert resp.status == 503
     assert (await resp.json())["type"] == "api_error"
-    assert (await client.get("/healthz")).status == 200  # alive, just not taking new traffic
+    resp = await client.get("/healthz")
+    assert resp.status == 200  # alive, just not taking new traffic
+    # Answers from now on close their connection and say so: a kept-alive client opens a new
+    # one (to another replica) for its next request instead of having it reset.
+    assert resp.headers["Connection"] == "close"
 
 
 async def test_sigterm_under_load_fails_no_accepted_request_and_loses_no_event(

@@ -144,6 +144,22 @@ async def test_an_empty_form_is_400(client, headers, raw):
     await error_body(resp, 400, "invalid_request")
 
 
+@pytest.mark.parametrize(
+    ("raw", "content_type"),
+    [
+        (b"contact_id=c\xff1", FORM),
+        (b"contact_id=c\xc3", f"{FORM}; charset=utf-8"),
+        (b"contact_id=c1", f"{FORM}; charset=no-such-charset"),
+        (b'{"contact_id": "c\xff1"}', JSON),
+    ],
+    ids=["form-not-utf-8", "form-truncated-utf-8", "form-unknown-charset", "json-not-utf-8"],
+)
+async def test_a_body_not_in_its_charset_is_400(client, headers, db, raw, content_type):
+    resp = await client.post(URL, data=raw, headers={**headers, "Content-Type": content_type})
+    await error_body(resp, 400, "invalid_request")
+    assert await db.fetchval("select count(*) from conversations") == 0
+
+
 # --- content types and unreadable bodies --------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 from aiohttp import web
@@ -14,6 +14,7 @@ from service.api.auth import TokenVerifier
 from service.api.bodies import MAX_BODY_BYTES
 from service.api.keys import (
     DB_POOL,
+    DEPENDENCY_LOG,
     EVENTS,
     LIFECYCLE,
     METRICS,
@@ -31,12 +32,17 @@ from service.api.middleware import (
 )
 from service.api.openapi import render_openapi
 from service.conversations import housekeeping, repository, sync
-from service.errors import DATABASE_UNAVAILABLE
+from service.errors import DATABASE_UNAVAILABLE, DatabaseUnreachable
 from service.events.runtime import events_running
+from service.logs import Throttle
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# During an outage every request fails alike: one "database unavailable" line per type of
+# failure this often, counting the ones held back, instead of one per request.
+DEPENDENCY_LOG_INTERVAL_SECONDS = 10.0
 
 
 class PooledConnection(asyncpg.Connection):
@@ -52,6 +58,14 @@ class PooledConnection(asyncpg.Connection):
         return ""
 
 
+async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """`asyncpg.connect` for the pool; failing to reach the server is `DatabaseUnreachable`."""
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except (OSError, TimeoutError) as error:
+        raise DatabaseUnreachable(type(error).__name__) from error
+
+
 async def database_pool(app: web.Application) -> AsyncIterator[None]:
     """The asyncpg pool, open for the application's lifetime.
 
@@ -63,12 +77,19 @@ async def database_pool(app: web.Application) -> AsyncIterator[None]:
     def create_pool(min_size: int) -> asyncpg.Pool:
         return asyncpg.create_pool(
             settings.database_url,
+            connect=_connect,
             connection_class=PooledConnection,
             min_size=min_size,
             max_size=settings.db_pool_max,
             init=repository.init_connection,
-            # Bound every statement: a stuck query must not hold a request (and a connection).
-            server_settings={"statement_timeout": str(settings.db_statement_timeout_ms)},
+            server_settings={
+                # Bound every statement: a stuck query must not hold a request (and a connection).
+                "statement_timeout": str(settings.db_statement_timeout_ms),
+                # A session whose client is gone (the service answered 503 when its connection
+                # dropped) is ended while its statement waits, e.g. on a row lock, instead of
+                # committing a write nobody was told about.
+                "client_connection_check_interval": "1000",
+            },
         )
 
     try:
@@ -109,7 +130,7 @@ async def stop_being_ready(app: web.Application) -> None:
 
 
 def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> web.Application:
-    """The service for `settings`; `web.run_app` serves it.
+    """The service for `settings`; `service.api.server.run` serves it.
 
     `api` serves /v1/conversations (and runs the relay too unless RELAY_ENABLED=false);
     `relay` runs the relay and serves only the probes and /metrics.
@@ -122,6 +143,7 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     app[ROLE] = role
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics()
+    app[DEPENDENCY_LOG] = Throttle(DEPENDENCY_LOG_INTERVAL_SECONDS)
     app[TOKEN_VERIFIER] = TokenVerifier(settings.auth)
     app[OPENAPI_DOCUMENT] = render_openapi()
     app.cleanup_ctx.append(database_pool)
@@ -139,7 +161,9 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     app.router.add_get("/v1/conversations", handlers.list_conversations)
     app.router.add_post("/v1/conversations", handlers.create_conversation)
     app.router.add_get("/v1/conversations/changes", handlers.list_changes)
-    item = app.router.add_resource("/v1/conversations/{id}", name="conversation")
+    # Any segment but "changes" names a conversation (a malformed id is the handlers' 404), so a
+    # method /changes lacks is a 405 that lists only its own methods.
+    item = app.router.add_resource("/v1/conversations/{id:(?!changes$)[^/]+}", name="conversation")
     item.add_route("GET", handlers.retrieve_conversation)
     item.add_route("HEAD", handlers.retrieve_conversation)
     item.add_route("PUT", handlers.update_conversation)

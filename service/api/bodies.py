@@ -1,5 +1,6 @@
 """Reading request input (query strings and bodies) into schema-validated dicts."""
 
+import asyncio
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -10,9 +11,16 @@ from marshmallow import Schema, fields
 from multidict import MultiMapping
 
 from schemas.fields import StrictBoolean
+from service.api.keys import MALFORMED_BODY
 from service.errors import ApiError, validation_error
 
 MAX_BODY_BYTES = 64 * 1024
+# The longest a request may take to send its body once its headers are in: 64 KiB arrive well
+# within it on any working link.
+BODY_TIMEOUT_SECONDS = 10
+# nginx's "client closed request": the status that metrics and the access log record for a
+# request whose client hung up before it was read; no answer reaches anyone.
+CLIENT_CLOSED = 499
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
 _DECIMAL = re.compile(r"-?[0-9]{1,20}")
@@ -54,17 +62,19 @@ def load_query(schema: Schema, query: MultiMapping[str]) -> dict[str, Any]:
 async def read_body(request: web.Request, schema: Schema) -> dict[str, Any]:
     """The body as JSON or form data, validated by `schema`.
 
-    400 for an empty, malformed or non-object body, 413 over 64 KiB, 415 for another content type,
-    422 for fields that the schema refuses.
+    400 for an empty, malformed or non-object body (or one not in its charset), 408 if it takes
+    over BODY_TIMEOUT_SECONDS to arrive, 413 over 64 KiB, 415 for another content type, 422 for
+    fields that the schema refuses.
     """
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise ApiError(413, "The request body is larger than 64 KiB.")
     if not request.body_exists:
         raise ApiError(400, "The request body is empty; send a JSON object.")
     if request.content_type == JSON:
-        data = _parse_json(await request.read())
+        data = _parse_json(await _read(request))
     elif request.content_type == FORM:
-        form = await request.post()
+        await _read(request)  # within the deadline; post() parses what it read
+        form = await _parse_form(request)
         if not form:
             raise ApiError(400, "The request body is empty; send at least one field.")
         data = _form_values(schema, _objects(schema, _single_values(form)))  # type: ignore[arg-type]
@@ -75,6 +85,41 @@ async def read_body(request: web.Request, schema: Schema) -> dict[str, Any]:
             headers={"Accept-Post": f"{JSON}, {FORM}"},
         )
     return schema.load(data)
+
+
+async def _read(request: web.Request) -> bytes:
+    """The whole body, within BODY_TIMEOUT_SECONDS: a client that trickles it must not hold a
+    connection (and the database connection its request will take) for long."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+            body = await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"The request body did not arrive within {BODY_TIMEOUT_SECONDS} s.",
+            headers={"Connection": "close"},
+        ) from None
+    except ConnectionError:
+        # The client hung up mid-body: nobody reads the answer, and it is not a failure of ours.
+        raise ApiError(CLIENT_CLOSED, "The client closed the connection.") from None
+    if request.get(MALFORMED_BODY):
+        raise ApiError(
+            400,
+            "The request body is not valid HTTP/1.1 (a bad chunk); nothing was done.",
+            headers={"Connection": "close"},
+        )
+    return body
+
+
+async def _parse_form(request: web.Request) -> MultiMapping[str]:
+    """A form body; bytes that are not in its charset, or an unknown charset, are a 400."""
+    charset = request.charset or "utf-8"
+    try:
+        return await request.post()  # type: ignore[return-value]
+    except LookupError:
+        raise ApiError(400, "The form body's charset is not supported; send UTF-8.") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, f"The form body is not valid {charset}.") from None
 
 
 def _parse_json(raw: bytes) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from service.api.auth import Principal, TokenVerifier
 from service.events.runtime import Events
+from service.logs import Throttle
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -26,6 +27,10 @@ EVENTS = web.AppKey("events", Events)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 METRICS = web.AppKey("metrics", Metrics)
 ROLE = web.AppKey("role", str)  # "api" or "relay"
+# Repeated "database unavailable" lines: one per kind per interval, with a count.
+DEPENDENCY_LOG = web.AppKey("dependency_log", Throttle)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
+# Set by the connection protocol when the HTTP parser failed inside the request's body.
+MALFORMED_BODY = web.RequestKey("malformed_body", bool)

@@ -4,7 +4,6 @@ import logging
 import os
 import re
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -12,9 +11,17 @@ from aiohttp import web
 from marshmallow import ValidationError
 
 from service.api.auth import READ_SCOPE, WRITE_SCOPE, InvalidToken
-from service.api.keys import METRICS, PRINCIPAL, REQUEST_ID, SETTINGS, TOKEN_VERIFIER
-from service.errors import DATABASE_UNAVAILABLE, ApiError, error_type, validation_error
-from service.logs import REQUEST_ID_VAR, route_template
+from service.api.keys import (
+    DEPENDENCY_LOG,
+    LIFECYCLE,
+    METRICS,
+    PRINCIPAL,
+    REQUEST_ID,
+    SETTINGS,
+    TOKEN_VERIFIER,
+)
+from service.errors import ApiError, database_unavailable, error_type, validation_error
+from service.logs import REQUEST_ID_VAR, ROUTE, describe_exception, route_template, set_request_id
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -25,18 +32,28 @@ _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def new_request_id() -> str:
+    """A fresh request id: 32 hex characters."""
+    return os.urandom(16).hex()
+
+
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give every request an id (the caller's X-Request-ID if sane) and echo it on the response."""
+    """Give every request an id (the caller's X-Request-ID if sane) and echo it on the response;
+    once shutdown has begun, answers say `Connection: close`."""
     given = request.headers.get("X-Request-ID", "")
-    request_id = given if _REQUEST_ID_PATTERN.fullmatch(given) else os.urandom(16).hex()
+    request_id = given if _REQUEST_ID_PATTERN.fullmatch(given) else new_request_id()
     request[REQUEST_ID] = request_id
-    token = REQUEST_ID_VAR.set(request_id)
+    token = set_request_id(request_id)
     try:
         response = await handler(request)
     finally:
         REQUEST_ID_VAR.reset(token)
     response.headers["X-Request-ID"] = request_id
+    if request.app[LIFECYCLE].stopping:
+        # Shutting down: the connection closes after this answer, and the client is told so
+        # (Connection: close) instead of finding out with its next request.
+        response.force_close()
     return response
 
 
@@ -53,17 +70,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if error.status < 400:
             raise  # redirects and the like are answers, not errors
         return error_response(request, _from_http_exception(error))
-    except DATABASE_UNAVAILABLE as error:
-        _log_failure(request, error, "database unavailable")
+    except Exception as error:
+        if not database_unavailable(error):
+            _log_failure(request, error, "unexpected error")
+            return error_response(request, ApiError(500, "An unexpected error occurred."))
+        held_back = request.app[DEPENDENCY_LOG].admit(type(error))
+        if held_back is not None:
+            _log_failure(request, error, "database unavailable", held_back=held_back)
         return error_response(
             request,
             ApiError(
                 503, "The service is unavailable; retry shortly.", headers={"Retry-After": "1"}
             ),
         )
-    except Exception as error:
-        _log_failure(request, error, "unexpected error")
-        return error_response(request, ApiError(500, "An unexpected error occurred."))
 
 
 def _from_http_exception(error: web.HTTPException) -> ApiError:
@@ -80,28 +99,37 @@ def _from_http_exception(error: web.HTTPException) -> ApiError:
     return ApiError(error.status, message, headers=headers)
 
 
-def _log_failure(request: web.Request, error: BaseException, what: str) -> None:
+def _log_failure(
+    request: web.Request, error: BaseException, what: str, *, held_back: int = 0
+) -> None:
     # Only the exception's type and where it was raised: messages and traces can carry SQL or data.
-    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
-    where = f"{frame.filename}:{frame.lineno}" if frame else "?"
     log.error(
-        "%s: %s at %s",
+        "%s: %s%s",
         what,
-        type(error).__name__,
-        where,
-        extra={"request_id": request.get(REQUEST_ID), "route": route_template(request)},
+        describe_exception(error),
+        f" (and {held_back} more like it since the last line)" if held_back else "",
+        extra={
+            "request_id": request.get(REQUEST_ID),
+            "route": request.get(ROUTE),
+            "held_back": held_back or None,
+        },
     )
 
 
 def error_response(request: web.Request, error: ApiError) -> web.Response:
-    """The contract's error body for `error`."""
+    """The contract's error body for `error`, answering `request`."""
+    return render_error(error, request.get(REQUEST_ID, ""), request.app[SETTINGS].error_docs_url)
+
+
+def render_error(error: ApiError, request_id: str, docs_url: str) -> web.Response:
+    """The contract's error body for `error`: the one shape every failure answers with."""
     body: dict[str, object] = {"type": error_type(error.status), "message": error.message}
     if error.errors is not None:
         body["errors"] = error.errors
     if error.param is not None:
         body["param"] = error.param
-    body["request_id"] = request.get(REQUEST_ID, "")
-    body["documentation_url"] = f"{request.app[SETTINGS].error_docs_url}#{body['type']}"
+    body["request_id"] = request_id
+    body["documentation_url"] = f"{docs_url}#{body['type']}"
     return web.Response(
         status=error.status,
         body=orjson.dumps(body),
@@ -115,7 +143,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Every /v1 request needs a valid bearer token with the scope its method calls for."""
     if not request.path.startswith("/v1/"):
         return await handler(request)
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    credentials = request.headers.getall("Authorization", [])
+    if len(credentials) > 1:  # which one counts is ambiguous: a proxy may have added one
+        raise ApiError(
+            401,
+            "Send exactly one Authorization header.",
+            headers={"WWW-Authenticate": 'Bearer realm="conversations", error="invalid_request"'},
+        )
+    scheme, _, token = (credentials[0] if credentials else "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(
             401,
@@ -149,6 +184,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time every request; label it by route template, never by raw path."""
     started = time.perf_counter()
+    route = request[ROUTE] = route_template(request) or "unmatched"
     status = 500
     try:
         response = await handler(request)
@@ -158,6 +194,6 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = error.status
         raise
     finally:
-        request.app[METRICS].http_duration.labels(
-            request.method, route_template(request) or "unmatched", str(status)
-        ).observe(time.perf_counter() - started)
+        request.app[METRICS].http_duration.labels(request.method, route, str(status)).observe(
+            time.perf_counter() - started
+        )

@@ -1,5 +1,6 @@
 """The OpenAPI 3 document, generated from the marshmallow schemas with apispec."""
 
+import copy
 from typing import Any
 
 import orjson
@@ -22,7 +23,6 @@ from schemas import (
 )
 
 VERSION = "1.0.0"
-_BODY_TYPES = ("application/json", "application/x-www-form-urlencoded")
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -44,7 +44,42 @@ def _conversation(description: str, *, location: bool = False) -> dict[str, Any]
 
 
 def _body(schema: str) -> dict[str, Any]:
-    return {"required": True, "content": {kind: {"schema": schema} for kind in _BODY_TYPES}}
+    return {
+        "required": True,
+        "description": (
+            "JSON, or a form (`curl -d`): in a form `true`/`false` and decimal integers are "
+            "read as such, and an empty value means null (`archived_at=` unarchives)."
+        ),
+        "content": {
+            "application/json": {"schema": schema},
+            "application/x-www-form-urlencoded": {
+                "schema": {"$ref": f"#/components/schemas/{schema}Form"},
+                # metadata[key]=value, one pair per key, as in a query string.
+                "encoding": {"metadata": {"style": "deepObject", "explode": True}},
+            },
+        },
+    }
+
+
+# Exactly one participant: a body with both or neither is a 422 (the create schema's validator).
+_ONE_PARTICIPANT = {"oneOf": [{"required": ["contact_id"]}, {"required": ["group_id"]}]}
+_EMPTY = {"type": "string", "enum": [""], "description": "Empty: null."}
+
+
+def _form_variant(component: dict[str, Any]) -> dict[str, Any]:
+    """A request body's schema as a form reads it: a nullable field also takes an empty value,
+    and at least one field is needed."""
+    form = copy.deepcopy(component)
+    form["minProperties"] = 1  # an empty form is an empty body: 400
+    for name, field in form["properties"].items():
+        if field.pop("nullable", False):
+            field.pop("default", None)
+            description = field.pop("description", None)
+            form["properties"][name] = {
+                "anyOf": [field, _EMPTY],
+                "description": " ".join(filter(None, [description, "An empty value means null."])),
+            }
+    return form
 
 
 _ID_PARAM = {"in": "path", "name": "id", "required": True, "schema": {"type": "string"}}
@@ -76,18 +111,18 @@ def _deep_object(converter: object, field: fields.Field, **kwargs: Any) -> dict[
 
 def build_openapi() -> dict[str, Any]:
     """The whole document as a dict."""
-    marshmallow_plugin = MarshmallowPlugin()
+    plugin = MarshmallowPlugin()
     spec = APISpec(
         title="DigiVault Conversations",
         version=VERSION,
         openapi_version="3.0.3",
-        plugins=[marshmallow_plugin],
+        plugins=[plugin],
         info={
             "description": "Conversations: the containers for messages with contacts and groups."
         },
         security=[{"bearer": []}],
     )
-    marshmallow_plugin.converter.add_parameter_attribute_function(_deep_object)  # type: ignore[union-attr]
+    plugin.converter.add_parameter_attribute_function(_deep_object)  # type: ignore[union-attr]
     spec.components.security_scheme(
         "bearer", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     )
@@ -100,8 +135,6 @@ def build_openapi() -> dict[str, Any]:
     )
     for name, schema in (
         ("Conversation", ConversationSchema),
-        ("ConversationCreate", ConversationCreateSchema),
-        ("ConversationUpdate", ConversationUpdateSchema),
         ("ConversationList", ConversationListSchema),
         ("DeletedConversation", DeletedConversationSchema),
         ("ConversationChanges", ConversationChangesSchema),
@@ -110,6 +143,13 @@ def build_openapi() -> dict[str, Any]:
         ("Readiness", ReadinessSchema),
     ):
         spec.components.schema(name, schema=schema)
+    for name, schema, rules in (
+        ("ConversationCreate", ConversationCreateSchema, _ONE_PARTICIPANT),
+        ("ConversationUpdate", ConversationUpdateSchema, {}),
+    ):
+        spec.components.schema(name, component=rules, schema=schema)
+        body = {**plugin.converter.schema2jsonschema(schema), **rules}
+        spec.components.schema(f"{name}Form", component=_form_variant(body))
 
     spec.path(
         path="/v1/conversations",

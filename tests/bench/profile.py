@@ -42,7 +42,9 @@ class Profile:
 
 def _is_entry(function: str) -> bool:
     """The process's entry and the event loop: on (nearly) every stack, so they say nothing."""
-    return function.startswith(("<module> ", "run_app (aiohttp/")) or "(service/cli.py)" in function
+    return function.startswith("<module> ") or any(
+        place in function for place in ("(service/cli.py)", "(service/api/server.py)")
+    )
 
 
 def _py_spy() -> str:

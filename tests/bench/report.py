@@ -439,7 +439,7 @@ def profile_section(profile: Profile, raw_path: Path) -> str:
             f"sample); raw stacks in `{raw_path}`. *own* is the share "
             "of samples in the function itself (with the C code it calls: asyncpg's protocol, "
             "uvloop, orjson have no Python frames), *total* with the Python functions it calls. "
-            "Time in the event loop itself (uvloop, the sockets) shows as `run_app`.",
+            "Time in the event loop itself (uvloop, the sockets) shows as `run` (service/api/server.py).",
             "Own time per package:",
             "\n".join(packages),
             "Top functions by own time:",
