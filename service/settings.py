@@ -39,6 +39,16 @@ class EventSettings:
 
 
 @dataclass(frozen=True)
+class RateLimitSettings:
+    """Per-account request budgets over a sliding window, and where they are counted."""
+
+    reads: int  # per window; 0 turns the read budget off
+    writes: int  # per window; 0 turns the write budget off
+    window_seconds: int
+    redis_url: str | None  # None: each process counts on its own
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the service's processes need."""
 
@@ -57,6 +67,7 @@ class Settings:
     metrics_token: str | None
     auth: AuthSettings
     events: EventSettings
+    rate_limits: RateLimitSettings
 
 
 def _split_pem_blocks(text: str) -> tuple[str, ...]:
@@ -167,6 +178,20 @@ def _event_settings(env: Env) -> EventSettings:
     )
 
 
+def _rate_limit_settings(env: Env) -> RateLimitSettings:
+    budget = validate.Range(0, 1_000_000_000)
+    return RateLimitSettings(
+        reads=env.int("RATE_LIMIT_READS", 6000, validate=budget),
+        writes=env.int("RATE_LIMIT_WRITES", 1200, validate=budget),
+        window_seconds=env.int("RATE_LIMIT_WINDOW_SECONDS", 60, validate=validate.Range(1, 86_400)),
+        # Empty counts as unset, so that an optional Secret key may be left blank.
+        redis_url=env.str(
+            "RATE_LIMIT_REDIS_URL", "", validate=validate.Regexp(r"^(rediss?://.+)?$")
+        )
+        or None,
+    )
+
+
 def load_migrate_settings() -> MigrateSettings:
     """Only what migrations need, so the migration Job is given the database URL alone."""
     env = Env(eager=False)
@@ -208,6 +233,7 @@ def load_settings() -> Settings:
         metrics_token=env.str("METRICS_TOKEN", None) or None,
         auth=_auth_settings(env),
         events=_event_settings(env),
+        rate_limits=_rate_limit_settings(env),
     )
     _seal(env)
     if settings.db_pool_min > settings.db_pool_max:

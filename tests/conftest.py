@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from service.api.app import create_app
 from service.api.auth import mint_token
 from service.migrations import migrate
-from service.settings import AuthSettings, EventSettings, Settings
+from service.settings import AuthSettings, EventSettings, RateLimitSettings, Settings
 from tests.events_support import Subscriber, amqp_url
 
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnop"
@@ -120,6 +120,8 @@ def settings(db_url: str, auth_settings: AuthSettings) -> Settings:
             relay_poll_interval_seconds=0.2,
             outbox_retention_hours=72,
         ),
+        # The defaults, in-process: no test outside tests/test_rate_limits.py comes near them.
+        rate_limits=RateLimitSettings(reads=6000, writes=1200, window_seconds=60, redis_url=None),
     )
 
 

@@ -6,6 +6,7 @@ import asyncpg
 from aiohttp import web
 
 from service.api.auth import Principal, TokenVerifier
+from service.api.ratelimit import Quota, RateLimiter
 from service.events.runtime import Events
 from service.metrics import Metrics
 from service.settings import Settings
@@ -26,6 +27,8 @@ EVENTS = web.AppKey("events", Events)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 METRICS = web.AppKey("metrics", Metrics)
 ROLE = web.AppKey("role", str)  # "api" or "relay"
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
+RATE_LIMIT_QUOTA = web.RequestKey("rate_limit_quota", Quota)

@@ -1,4 +1,4 @@
-"""Request id, error rendering and authentication: the three layers around every handler."""
+"""Request id, error rendering, authentication and rate limits: the layers around every handler."""
 
 import logging
 import os
@@ -12,7 +12,16 @@ from aiohttp import web
 from marshmallow import ValidationError
 
 from service.api.auth import READ_SCOPE, WRITE_SCOPE, InvalidToken
-from service.api.keys import METRICS, PRINCIPAL, REQUEST_ID, SETTINGS, TOKEN_VERIFIER
+from service.api.keys import (
+    METRICS,
+    PRINCIPAL,
+    RATE_LIMIT_QUOTA,
+    RATE_LIMITER,
+    REQUEST_ID,
+    SETTINGS,
+    TOKEN_VERIFIER,
+)
+from service.api.ratelimit import WRITE_METHODS
 from service.errors import DATABASE_UNAVAILABLE, ApiError, error_type, validation_error
 from service.logs import REQUEST_ID_VAR, route_template
 
@@ -100,6 +109,8 @@ def error_response(request: web.Request, error: ApiError) -> web.Response:
         body["errors"] = error.errors
     if error.param is not None:
         body["param"] = error.param
+    if error.retry_after is not None:
+        body["retry_after"] = error.retry_after
     body["request_id"] = request.get(REQUEST_ID, "")
     body["documentation_url"] = f"{request.app[SETTINGS].error_docs_url}#{body['type']}"
     return web.Response(
@@ -161,3 +172,37 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         request.app[METRICS].http_duration.labels(
             request.method, route_template(request) or "unmatched", str(status)
         ).observe(time.perf_counter() - started)
+
+
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Draw each authenticated request on its account's read or write budget; 429 when spent.
+
+    Runs after authentication: what has no principal (the probes, /metrics, /openapi.json,
+    a 401 or 403) draws on nothing.
+    """
+    principal = request.get(PRINCIPAL)
+    if principal is None:
+        return await handler(request)
+    budget = "write" if request.method in WRITE_METHODS else "read"
+    quota = await request.app[RATE_LIMITER].draw(principal.account_id, budget)
+    if quota is not None:
+        request[RATE_LIMIT_QUOTA] = quota
+        if not quota.allowed:
+            retry_after = quota.retry_after(time.time())
+            raise ApiError(
+                429,
+                f"Rate limit exceeded: this account's {budget} budget is spent; "
+                f"retry in {retry_after} s.",
+                headers={"Retry-After": str(retry_after)},
+                retry_after=retry_after,
+            )
+    return await handler(request)
+
+
+async def add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer to a request that drew on a budget, an error included,
+    carries the X-RateLimit-* headers of that budget."""
+    quota = request.get(RATE_LIMIT_QUOTA)
+    if quota is not None:
+        response.headers.update(quota.headers())
