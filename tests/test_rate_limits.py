@@ -301,6 +301,22 @@ async def test_two_processes_share_one_budget_through_redis(settings, tmp_path):
         assert (resp.status, quota(resp)[:2]) == (200, (5, 4))
 
 
+async def test_concurrent_requests_never_overdraw_a_budget(settings, aiohttp_client, headers):
+    shared = limited(settings, reads=5, window_seconds=60, redis_url=redis_url())
+    in_process = limited(settings, reads=5, window_seconds=60)
+    for app_settings in (shared, in_process):
+        client = await aiohttp_client(create_app(app_settings))
+        await inside_a_window(60, 10)
+        account = {
+            "Authorization": f"Bearer {mint_token(settings.auth, uuid.uuid4().hex, ['conversations:read'], 600)}"
+        }
+        answers = await asyncio.gather(
+            *(client.get("/v1/conversations", headers=account) for _ in range(20))
+        )
+        assert sorted(resp.status for resp in answers) == [200] * 5 + [429] * 15
+        assert sorted(quota(resp)[1] for resp in answers if resp.status == 200) == [0, 1, 2, 3, 4]
+
+
 # --- Redis stops and comes back ---------------------------------------------------------------
 
 

@@ -162,6 +162,10 @@ class RedisCounters:
                 if not future.done():  # its request may have been cancelled meanwhile
                     future.set_exception(error)
             return
+        except asyncio.CancelledError:  # shutting down: no request may wait on this forever
+            for _, future in batch:
+                future.cancel()
+            raise
         for n, (_, future) in enumerate(batch):
             if not future.done():
                 admitted, current, previous = answers[3 * n : 3 * n + 3]
@@ -175,7 +179,8 @@ class RedisCounters:
             return False
 
     async def close(self) -> None:
-        """Close the connections."""
+        """Close the connections, once the draws sent are answered."""
+        await asyncio.gather(*self._sending, return_exceptions=True)
         await self._redis.aclose()
 
 
