@@ -1,5 +1,5 @@
 # Developer entry points for DigiVault Conversations (GNU make). The local
-# PostgreSQL and RabbitMQ come from deploy/dev/services.sh. `make help` lists
+# PostgreSQL, RabbitMQ and Redis come from deploy/dev/services.sh. `make help` lists
 # the targets.
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -17,8 +17,8 @@ JWT_SECRET := .dev/jwt-secret
 ASYNCAPI_TOOLS := tools/asyncapi
 BENCH_INSTALLED := $(VENV)/.bench-installed
 
-# Starts a recipe line that needs the services: exports DATABASE_URL and
-# AMQP_URL from the services script, and the dev JWT secret unless the
+# Starts a recipe line that needs the services: exports DATABASE_URL, AMQP_URL
+# and RATE_LIMIT_REDIS_URL from the services script, and the dev JWT secret unless the
 # environment already has JWT_HS256_SECRETS.
 WITH_ENV = eval "$$($(SERVICES) env)"; \
 	export JWT_HS256_SECRETS="$${JWT_HS256_SECRETS:-$$(cat $(JWT_SECRET))}";
@@ -27,9 +27,9 @@ WITH_ENV = eval "$$($(SERVICES) env)"; \
 
 help:
 	@echo 'make venv           .venv with the package (editable) and its dev extras'
-	@echo 'make services-up    start the local PostgreSQL and RabbitMQ (deploy/dev/services.sh)'
+	@echo 'make services-up    start the local PostgreSQL, RabbitMQ and Redis (deploy/dev/services.sh)'
 	@echo 'make services-down  stop them (the data stays in .dev/)'
-	@echo 'make env            print export lines: DATABASE_URL, AMQP_URL, JWT_HS256_SECRETS'
+	@echo 'make env            print export lines: DATABASE_URL, AMQP_URL, RATE_LIMIT_REDIS_URL, JWT_HS256_SECRETS'
 	@echo 'make migrate        apply the database migrations'
 	@echo 'make run            migrate, print a dev token and curl examples, serve on 127.0.0.1:$$PORT (8080)'
 	@echo 'make test           run pytest against the local services (PYTEST_ARGS="-k foo"); installs the AsyncAPI validator (Node)'

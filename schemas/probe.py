@@ -24,6 +24,15 @@ class ReadinessChecksSchema(Schema):
     broker = fields.String(required=True, validate=validate.OneOf(["connected", "disconnected"]))
     relay = fields.String(required=True, validate=validate.OneOf(["active", "standby", "disabled"]))
     outbox = fields.Nested(OutboxBacklogSchema, required=True)
+    rate_limits = fields.String(
+        required=True,
+        validate=validate.OneOf(["connected", "disconnected", "in-process", "off"]),
+        metadata={
+            "description": "Where the per-account budgets are counted: Redis (connected or, "
+            "serving without limits meanwhile, disconnected), each process (in-process), or "
+            "nowhere (off: every budget is 0, or a relay process)."
+        },
+    )
 
 
 class ReadinessSchema(Schema):

@@ -82,6 +82,7 @@ class ApiError(Exception):
         errors: Mapping[str, Any] | None = None,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -89,6 +90,7 @@ class ApiError(Exception):
         self.errors = errors
         self.param = param
         self.headers = dict(headers or {})
+        self.retry_after = retry_after  # seconds, in the body of a 429
 
 
 def validation_error(messages: Mapping[str, Any], summary: str = "Invalid parameters.") -> ApiError:

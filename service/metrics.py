@@ -59,6 +59,16 @@ class Metrics:
         self.broker_connected = Gauge(
             "conversations_broker_connected", "1 while connected to RabbitMQ, else 0.", registry=r
         )
+        self.rate_limit_store_up = Gauge(
+            "conversations_rate_limit_store_up",
+            "1 while the rate-limit store (Redis, or the in-process one) answers, else 0.",
+            registry=r,
+        )
+        self.rate_limit_unchecked = Counter(
+            "conversations_rate_limit_unchecked_requests",
+            "Requests served without a rate-limit check because the store was unreachable.",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -39,6 +39,16 @@ class EventSettings:
 
 
 @dataclass(frozen=True)
+class RateLimitSettings:
+    """Per-account request budgets over a sliding window, and where they are counted."""
+
+    reads: int  # per window; 0 turns the read budget off
+    writes: int  # per window; 0 turns the write budget off
+    window_seconds: int
+    redis_url: str | None  # None: each process counts on its own
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the service's processes need."""
 
@@ -58,6 +68,7 @@ class Settings:
     sync_retention_days: int
     auth: AuthSettings
     events: EventSettings
+    rate_limits: RateLimitSettings
 
     @property
     def sync_retention_seconds(self) -> int:
@@ -173,6 +184,20 @@ def _event_settings(env: Env) -> EventSettings:
     )
 
 
+def _rate_limit_settings(env: Env) -> RateLimitSettings:
+    budget = validate.Range(0, 1_000_000_000)
+    return RateLimitSettings(
+        reads=env.int("RATE_LIMIT_READS", 6000, validate=budget),
+        writes=env.int("RATE_LIMIT_WRITES", 1200, validate=budget),
+        window_seconds=env.int("RATE_LIMIT_WINDOW_SECONDS", 60, validate=validate.Range(1, 86_400)),
+        # Empty counts as unset, so that an optional Secret key may be left blank.
+        redis_url=env.str(
+            "RATE_LIMIT_REDIS_URL", "", validate=validate.Regexp(r"^(rediss?://.+)?$")
+        )
+        or None,
+    )
+
+
 def load_migrate_settings() -> MigrateSettings:
     """Only what migrations need, so the migration Job is given the database URL alone."""
     env = Env(eager=False)
@@ -215,6 +240,7 @@ def load_settings() -> Settings:
         sync_retention_days=env.int("SYNC_RETENTION_DAYS", 30, validate=validate.Range(1, 3650)),
         auth=_auth_settings(env),
         events=_event_settings(env),
+        rate_limits=_rate_limit_settings(env),
     )
     _seal(env)
     if settings.db_pool_min > settings.db_pool_max:

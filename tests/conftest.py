@@ -18,7 +18,7 @@ from service.api.app import create_app
 from service.api.auth import mint_token
 from service.api.server import ServiceRunner
 from service.migrations import migrate
-from service.settings import AuthSettings, EventSettings, Settings
+from service.settings import AuthSettings, EventSettings, RateLimitSettings, Settings
 from tests.events_support import Subscriber, amqp_url
 from tests.proxy import free_port
 
@@ -134,6 +134,8 @@ def make_settings(db_url: str, auth_settings: AuthSettings) -> Settings:
             relay_poll_interval_seconds=0.2,
             outbox_retention_hours=72,
         ),
+        # The defaults, in-process: no test outside tests/test_rate_limits.py comes near them.
+        rate_limits=RateLimitSettings(reads=6000, writes=1200, window_seconds=60, redis_url=None),
     )
 
 

@@ -19,7 +19,7 @@ async def error_body(
     """The body of an error response, after checking it has exactly the contract's keys.
 
     `param`: the expected `param` (None: the body must have none). `errors`: whether the body has
-    `errors` (default: it does exactly when it is a 422).
+    `errors` (default: it does exactly when it is a 422). A 429 also has `retry_after`.
     """
     text = await resp.text()
     assert resp.status == status, text
@@ -28,6 +28,7 @@ async def error_body(
     with_errors = status == 422 if errors is None else errors
     expected = ERROR_KEYS | ({"param"} if param is not None else set())
     expected |= {"errors"} if with_errors else set()
+    expected |= {"retry_after"} if status == 429 else set()
     assert set(body) == expected, body
     assert body["type"] == error_type
     assert isinstance(body["message"], str)

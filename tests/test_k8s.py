@@ -197,7 +197,7 @@ def test_the_secret_template_holds_only_placeholders_for_what_the_pods_read():
     secret = _secret_template()
     assert not _validation_errors(secret)
     values = {**secret.get("data", {}), **secret.get("stringData", {})}
-    assert {"DATABASE_URL", "AMQP_URL"} <= set(values)
+    assert {"DATABASE_URL", "AMQP_URL", "RATE_LIMIT_REDIS_URL"} <= set(values)
     assert {"JWT_HS256_SECRETS", "JWT_PUBLIC_KEYS"} & set(values)
     not_placeholders = [key for key, value in values.items() if PLACEHOLDER not in value]
     assert not not_placeholders, f"real-looking values in {SECRET_TEMPLATE.name}"
@@ -336,6 +336,7 @@ def test_network_policies_deny_by_default_and_allow_what_each_process_needs(obje
         }
         assert {("UDP", 53), ("TCP", 53), ("TCP", 5432)} <= egress, component
         assert (("TCP", 5672) in egress) == (component in {"api", "relay"}), component
+        assert (("TCP", 6379) in egress) == (component == "api"), component  # rate limits
         ingress = _policy_rules(objects, workload, "ingress")
         if component == "migrate":
             assert not ingress

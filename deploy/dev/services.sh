@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# Local development services for DigiVault Conversations: a PostgreSQL and a
-# RabbitMQ private to this checkout (own ports, own data in .dev/, loopback
-# only), from Debian's packages, without containers.
+# Local development services for DigiVault Conversations: a PostgreSQL, a
+# RabbitMQ and a Redis (the shared rate-limit budgets) private to this checkout
+# (own ports, own data in .dev/, loopback only), from Debian's packages, without
+# containers.
 #
 # Usage: deploy/dev/services.sh up|down|env|status
-#   up      start both; harmless when they already run; installs missing packages
+#   up      start all three; harmless when they already run; installs missing packages
 #   down    stop what `up` started (the data stays)
-#   env     print `export DATABASE_URL=...` and `export AMQP_URL=...` lines for eval
-#   status  say what runs (exit 0 when both run, 3 otherwise)
+#   env     print `export DATABASE_URL=...`, `export AMQP_URL=...` and
+#           `export RATE_LIMIT_REDIS_URL=...` lines for eval
+#   status  say what runs (exit 0 when all run, 3 otherwise)
 #
 # Settings, from the environment:
 #   DEV_PG_PORT (15432), DEV_AMQP_PORT (16572), DEV_EPMD_PORT (14369),
 #   DEV_RABBIT_DIST_PORT (26729; rabbitmqctl uses the 10 ports above it),
+#   DEV_REDIS_PORT (16379),
 #   DEV_SERVICES_TIMEOUT (seconds to wait for a start or a stop, 60).
 # When DATABASE_URL and AMQP_URL are both set, `up` starts nothing and `env`
 # prints them: the same commands then work against services run elsewhere.
+# RATE_LIMIT_REDIS_URL is then printed only if it is set too: Redis is
+# optional, and without it each process keeps its own budgets.
 set -euo pipefail
 
 REPO_ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd -P)
@@ -28,6 +33,7 @@ EPMD_PORT=${DEV_EPMD_PORT:-14369}
 # where no client connection can be holding them (see port_wait_free): RabbitMQ
 # refuses to start when its distribution port is busy.
 DIST_PORT=${DEV_RABBIT_DIST_PORT:-26729}
+REDIS_PORT=${DEV_REDIS_PORT:-16379}
 TIMEOUT=${DEV_SERVICES_TIMEOUT:-60}
 
 # One dev account for both services, as the app's configuration expects.
@@ -36,6 +42,7 @@ APP_PASSWORD=conversations
 DB_NAME=conversations
 DEV_DATABASE_URL=postgresql://$APP_USER:$APP_PASSWORD@127.0.0.1:$PG_PORT/$DB_NAME
 DEV_AMQP_URL=amqp://$APP_USER:$APP_PASSWORD@127.0.0.1:$AMQP_PORT/
+DEV_REDIS_URL=redis://:$APP_PASSWORD@127.0.0.1:$REDIS_PORT/0
 
 # PostgreSQL's own directory: data/, postgres.log and the Unix socket. It may be
 # a symlink into /var/tmp (see pg_prepare_dir).
@@ -50,6 +57,10 @@ RABBIT_NODE=conversations-dev@localhost
 # Debian's unwrapped scripts: the /usr/sbin wrappers switch to the rabbitmq user
 # and the system's directories.
 RABBIT_BIN=/usr/lib/rabbitmq/bin
+
+REDIS_DIR=$STATE_DIR/redis
+REDIS_LOG=$REDIS_DIR/redis.log
+REDIS_PID_FILE=$REDIS_DIR/redis.pid
 
 # Messages go to stderr: stdout is kept for `env`, which callers eval.
 log() { printf 'services: %s\n' "$*" >&2; }
@@ -472,6 +483,99 @@ rabbit_status() {
     fi
 }
 
+# --- Redis ---------------------------------------------------------------------
+
+redis_install_if_missing() {
+    command -v redis-server >/dev/null && command -v redis-cli >/dev/null && return
+    "$SCRIPT_DIR/install-packages.sh" redis-server
+    command -v redis-server >/dev/null || die "no redis-server after installing redis-server"
+}
+
+# Prints the recorded pid if that process is alive and still ours (pids get reused).
+redis_pid() {
+    local pid
+    pid=$(cat -- "$REDIS_PID_FILE" 2>/dev/null) || return 1
+    alive "$pid" && [[ $(ps -o args= -p "$pid") == *redis-server* ]] && echo "$pid"
+}
+
+# The password goes through the environment, never on a command line that ps shows.
+redis_ping() {
+    [[ $(REDISCLI_AUTH=$APP_PASSWORD redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]
+}
+
+# Rewritten at every start, so that a changed DEV_REDIS_PORT or a moved checkout
+# takes effect. It holds the password: readable by its owner only.
+redis_write_config() {
+    mkdir -p -- "$REDIS_DIR"
+    (umask 077 && cat >"$REDIS_DIR/redis.conf") <<EOF
+# Written by deploy/dev/services.sh at each start: edit the script, not this file.
+bind 127.0.0.1
+port $REDIS_PORT
+requirepass $APP_PASSWORD
+daemonize yes
+pidfile "$REDIS_PID_FILE"
+logfile "$REDIS_LOG"
+dir "$REDIS_DIR"
+# Rate-limit counters live for a window (a minute): nothing worth writing to disk.
+save ""
+appendonly no
+EOF
+}
+
+redis_up() {
+    local pid deadline
+    redis_install_if_missing
+    if pid=$(redis_pid); then
+        log "Redis already running (pid $pid)"
+    else
+        redis_write_config
+        port_wait_free "$REDIS_PORT" DEV_REDIS_PORT
+        log "starting Redis on 127.0.0.1:$REDIS_PORT"
+        rm -f -- "$REDIS_PID_FILE"
+        # daemonize: the server forks into a session of its own (a Ctrl-C in the
+        # terminal that started it, e.g. `make run`, does not reach it) and
+        # writes its pid file once it runs.
+        redis-server "$REDIS_DIR/redis.conf" >>"$REDIS_LOG" 2>&1 </dev/null ||
+            die_with_log "$REDIS_LOG" "Redis did not start"
+        deadline=$((SECONDS + TIMEOUT))
+        until pid=$(redis_pid); do
+            ((SECONDS < deadline)) || die_with_log "$REDIS_LOG" "Redis wrote no pid file in ${TIMEOUT}s"
+            sleep 0.1
+        done
+    fi
+    wait_ready Redis "$pid" "$REDIS_LOG" redis_ping
+}
+
+# TERM: Redis shuts down cleanly (nothing to save, see `save ""`).
+redis_down() {
+    local pid deadline=$((SECONDS + TIMEOUT))
+    if ! pid=$(redis_pid); then
+        log "Redis not running"
+        rm -f -- "$REDIS_PID_FILE"
+        return
+    fi
+    log "stopping Redis (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    while alive "$pid"; do
+        if ((SECONDS >= deadline)); then
+            log "Redis did not stop within ${TIMEOUT}s: killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        sleep 0.1
+    done
+    rm -f -- "$REDIS_PID_FILE"
+}
+
+redis_status() {
+    local pid
+    if pid=$(redis_pid); then
+        echo "Redis: running, pid $pid, 127.0.0.1:$REDIS_PORT, data in $REDIS_DIR"
+    else
+        echo "Redis: not running"
+        return 1
+    fi
+}
+
 # --- Commands ------------------------------------------------------------------
 
 cmd_up() {
@@ -483,12 +587,15 @@ cmd_up() {
     # the longest part of a start.
     rabbit_launch
     pg_up
+    redis_up
     rabbit_wait
-    log "ready: PostgreSQL on 127.0.0.1:$PG_PORT, RabbitMQ on 127.0.0.1:$AMQP_PORT"
+    log "ready: PostgreSQL on 127.0.0.1:$PG_PORT, RabbitMQ on 127.0.0.1:$AMQP_PORT," \
+        "Redis on 127.0.0.1:$REDIS_PORT"
 }
 
 cmd_down() {
     rabbit_down
+    redis_down
     pg_down
 }
 
@@ -496,8 +603,12 @@ cmd_env() {
     if external_services; then
         # %q: quoted for eval, whatever the URLs contain.
         printf 'export DATABASE_URL=%q\nexport AMQP_URL=%q\n' "$DATABASE_URL" "$AMQP_URL"
+        if [[ -n ${RATE_LIMIT_REDIS_URL:-} ]]; then
+            printf 'export RATE_LIMIT_REDIS_URL=%q\n' "$RATE_LIMIT_REDIS_URL"
+        fi
     else
-        printf 'export DATABASE_URL=%s\nexport AMQP_URL=%s\n' "$DEV_DATABASE_URL" "$DEV_AMQP_URL"
+        printf 'export DATABASE_URL=%s\nexport AMQP_URL=%s\nexport RATE_LIMIT_REDIS_URL=%s\n' \
+            "$DEV_DATABASE_URL" "$DEV_AMQP_URL" "$DEV_REDIS_URL"
     fi
 }
 
@@ -508,6 +619,7 @@ cmd_status() {
     fi
     pg_status || rc=3
     rabbit_status || rc=3
+    redis_status || rc=3
     return "$rc"
 }
 

@@ -19,18 +19,22 @@ from service.api.keys import (
     LIFECYCLE,
     METRICS,
     OPENAPI_DOCUMENT,
+    RATE_LIMITER,
     ROLE,
     SETTINGS,
     TOKEN_VERIFIER,
     Lifecycle,
 )
 from service.api.middleware import (
+    add_rate_limit_headers,
     auth_middleware,
     error_middleware,
     metrics_middleware,
+    rate_limit_middleware,
     request_id_middleware,
 )
 from service.api.openapi import render_openapi
+from service.api.ratelimit import RateLimiter
 from service.conversations import housekeeping, repository, sync
 from service.errors import DATABASE_UNAVAILABLE, DatabaseUnreachable
 from service.events.runtime import events_running
@@ -124,6 +128,14 @@ async def housekeeping_task(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def rate_limits(app: web.Application) -> AsyncIterator[None]:
+    """The per-account budgets: in Redis when RATE_LIMIT_REDIS_URL is set, else in-process."""
+    limiter = RateLimiter(app[SETTINGS].rate_limits, app[METRICS])
+    app[RATE_LIMITER] = limiter
+    yield
+    await limiter.close()
+
+
 async def stop_being_ready(app: web.Application) -> None:
     """First thing on SIGTERM: /readyz fails, so no new traffic is routed here."""
     app[LIFECYCLE].stopping = True
@@ -136,7 +148,13 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     `relay` runs the relay and serves only the probes and /metrics.
     """
     app = web.Application(
-        middlewares=[metrics_middleware, request_id_middleware, error_middleware, auth_middleware],
+        middlewares=[
+            metrics_middleware,
+            request_id_middleware,
+            error_middleware,
+            auth_middleware,
+            rate_limit_middleware,
+        ],
         client_max_size=MAX_BODY_BYTES,
     )
     app[SETTINGS] = settings
@@ -157,6 +175,8 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     app.router.add_get("/metrics", probes.metrics)
     if role == "relay":
         return app
+    app.cleanup_ctx.append(rate_limits)
+    app.on_response_prepare.append(add_rate_limit_headers)
     app.router.add_get("/openapi.json", probes.openapi_document)
     app.router.add_get("/v1/conversations", handlers.list_conversations)
     app.router.add_post("/v1/conversations", handlers.create_conversation)

@@ -6,6 +6,7 @@ import asyncpg
 from aiohttp import web
 
 from service.api.auth import Principal, TokenVerifier
+from service.api.ratelimit import Quota, RateLimiter
 from service.events.runtime import Events
 from service.logs import Throttle
 from service.metrics import Metrics
@@ -29,8 +30,10 @@ METRICS = web.AppKey("metrics", Metrics)
 ROLE = web.AppKey("role", str)  # "api" or "relay"
 # Repeated "database unavailable" lines: one per kind per interval, with a count.
 DEPENDENCY_LOG = web.AppKey("dependency_log", Throttle)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
 # Set by the connection protocol when the HTTP parser failed inside the request's body.
 MALFORMED_BODY = web.RequestKey("malformed_body", bool)
+RATE_LIMIT_QUOTA = web.RequestKey("rate_limit_quota", Quota)

@@ -1,4 +1,4 @@
-"""Request id, error rendering and authentication: the three layers around every handler."""
+"""Request id, error rendering, authentication and rate limits: the layers around every handler."""
 
 import logging
 import os
@@ -16,10 +16,13 @@ from service.api.keys import (
     LIFECYCLE,
     METRICS,
     PRINCIPAL,
+    RATE_LIMIT_QUOTA,
+    RATE_LIMITER,
     REQUEST_ID,
     SETTINGS,
     TOKEN_VERIFIER,
 )
+from service.api.ratelimit import WRITE_METHODS
 from service.errors import ApiError, database_unavailable, error_type, validation_error
 from service.logs import REQUEST_ID_VAR, ROUTE, describe_exception, route_template, set_request_id
 
@@ -128,6 +131,8 @@ def render_error(error: ApiError, request_id: str, docs_url: str) -> web.Respons
         body["errors"] = error.errors
     if error.param is not None:
         body["param"] = error.param
+    if error.retry_after is not None:
+        body["retry_after"] = error.retry_after
     body["request_id"] = request_id
     body["documentation_url"] = f"{docs_url}#{body['type']}"
     return web.Response(
@@ -197,3 +202,38 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         request.app[METRICS].http_duration.labels(request.method, route, str(status)).observe(
             time.perf_counter() - started
         )
+
+
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Draw each authenticated request on its account's read or write budget; 429 when spent.
+
+    Runs after authentication: what has no principal (the probes, /metrics, /openapi.json,
+    a 401 or 403) draws on nothing.
+    """
+    principal = request.get(PRINCIPAL)
+    limiter = request.app.get(RATE_LIMITER)  # the relay role serves no /v1 and has none
+    if principal is None or limiter is None:
+        return await handler(request)
+    budget = "write" if request.method in WRITE_METHODS else "read"
+    quota = await limiter.draw(principal.account_id, budget)
+    if quota is not None:
+        request[RATE_LIMIT_QUOTA] = quota
+        if not quota.allowed:
+            retry_after = quota.retry_after(time.time())
+            raise ApiError(
+                429,
+                f"Rate limit exceeded: this account's {budget} budget is spent; "
+                f"retry in {retry_after} s.",
+                headers={"Retry-After": str(retry_after)},
+                retry_after=retry_after,
+            )
+    return await handler(request)
+
+
+async def add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer to a request that drew on a budget, an error included,
+    carries the X-RateLimit-* headers of that budget."""
+    quota = request.get(RATE_LIMIT_QUOTA)
+    if quota is not None:
+        response.headers.update(quota.headers())

@@ -90,9 +90,22 @@ _IF_MATCH = {
     "description": "Strong ETag of the version the change is based on; another version: 412.",
     "schema": {"type": "string"},
 }
+# Every authenticated /v1 answer carries the budget it drew on (none when that budget is off).
+_RATE_LIMIT_HEADERS = {
+    "X-RateLimit-Limit": "Requests per window in the budget this request drew on (reads or writes).",
+    "X-RateLimit-Remaining": "Requests left in that budget now.",
+    "X-RateLimit-Reset": "Unix second at which Remaining next goes up.",
+    "Retry-After": "Seconds until a request on the spent budget is admitted.",
+}
+
+
 _COMMON_ERRORS = {
     "401": _error("Missing or invalid bearer token."),
     "403": _error("The token lacks the scope."),
+    "429": {
+        **_error("The account's budget for this method is spent; retry after Retry-After seconds."),
+        "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
+    },
     "503": _error("A dependency is unavailable; retry after Retry-After seconds."),
 }
 _BODY_ERRORS = {
@@ -133,6 +146,8 @@ def build_openapi() -> dict[str, Any]:
             "schema": {"type": "string"},
         },
     )
+    for name, description in _RATE_LIMIT_HEADERS.items():
+        spec.components.header(name, {"description": description, "schema": {"type": "integer"}})
     for name, schema in (
         ("Conversation", ConversationSchema),
         ("ConversationList", ConversationListSchema),
@@ -274,7 +289,29 @@ def build_openapi() -> dict[str, Any]:
                 }
             },
         )
-    return spec.to_dict()
+    return _with_rate_limit_headers(spec.to_dict())
+
+
+def _with_rate_limit_headers(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` with the X-RateLimit-* headers on each /v1 answer but 401 and 403 (no draw)."""
+    refs = {
+        name: {"$ref": f"#/components/headers/{name}"}
+        for name in _RATE_LIMIT_HEADERS
+        if name.startswith("X-")
+    }
+    for path, item in document["paths"].items():
+        if not path.startswith("/v1/"):
+            continue
+        for operation in item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue  # the path's shared parameters
+            operation["responses"] = {
+                status: response
+                if status in ("401", "403")
+                else {**response, "headers": {**response.get("headers", {}), **refs}}
+                for status, response in operation["responses"].items()
+            }
+    return document
 
 
 def render_openapi() -> bytes:

@@ -8,7 +8,15 @@ import asyncpg
 from aiohttp import web
 
 from service.api.handlers import json_response
-from service.api.keys import DB_POOL, EVENTS, LIFECYCLE, METRICS, OPENAPI_DOCUMENT, SETTINGS
+from service.api.keys import (
+    DB_POOL,
+    EVENTS,
+    LIFECYCLE,
+    METRICS,
+    OPENAPI_DOCUMENT,
+    RATE_LIMITER,
+    SETTINGS,
+)
 from service.errors import DATABASE_UNAVAILABLE, ApiError
 from service.migrations import pending_migrations
 
@@ -34,8 +42,9 @@ FROM outbox WHERE published_at IS NULL
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: PostgreSQL answers and every shipped migration is applied.
 
-    The broker, the relay and the outbox backlog are reported, never required: while RabbitMQ
-    is down the API keeps taking writes, and their events wait in the outbox.
+    The broker, the relay, the outbox backlog and the rate-limit store are reported, never
+    required: while RabbitMQ is down the API keeps taking writes, and their events wait in the
+    outbox; while Redis is down requests are served without limits.
     """
     if request.app[LIFECYCLE].stopping:
         raise ApiError(503, "Not ready: shutting down.", headers={"Retry-After": "5"})
@@ -71,6 +80,7 @@ async def readyz(request: web.Request) -> web.Response:
                 if relay is None
                 else ("active" if relay.is_leader else "standby"),
                 "outbox": backlog,
+                "rate_limits": await _rate_limits(request),
             },
         }
     )
@@ -83,6 +93,15 @@ async def _outbox_backlog(conn: asyncpg.Connection) -> dict[str, float | None]:
     except TimeoutError:  # asyncpg has cancelled the query on the server
         return {"pending": None, "oldest_pending_age_seconds": None}
     return {"pending": row["pending"], "oldest_pending_age_seconds": round(row["oldest_age"], 3)}
+
+
+async def _rate_limits(request: web.Request) -> str:
+    limiter = request.app.get(RATE_LIMITER)
+    if limiter is None or not limiter.enabled:
+        return "off"
+    if not limiter.shared:
+        return "in-process"
+    return "connected" if await limiter.store_reachable() else "disconnected"
 
 
 async def metrics(request: web.Request) -> web.Response:

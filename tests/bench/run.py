@@ -56,7 +56,15 @@ BACKLOG_GROWTH_SLACK = 500
 BACKLOG_DRAIN_SECONDS = 10.0
 SERVICE_GET = "service GET /v1/conversations/{id}"
 MIXED_WRITE_SHARE = 0.2  # tests/bench/wrk/mixed.lua: 10% POST, 10% PUT
-REQUIRED_VARIABLES = ("DATABASE_URL", "AMQP_URL", "JWT_HS256_SECRETS")
+REQUIRED_VARIABLES = ("DATABASE_URL", "AMQP_URL", "JWT_HS256_SECRETS", "RATE_LIMIT_REDIS_URL")
+# Budgets no run can spend: with them every request is checked and counted, and none refused.
+_UNSPENDABLE = {"RATE_LIMIT_READS": "1000000000", "RATE_LIMIT_WRITES": "1000000000"}
+# The service's rate limits in each run: off (every scenario but 8), in-process, in Redis.
+RATE_LIMITS = {
+    "off": {"RATE_LIMIT_READS": "0", "RATE_LIMIT_WRITES": "0", "RATE_LIMIT_REDIS_URL": ""},
+    "in-process": {**_UNSPENDABLE, "RATE_LIMIT_REDIS_URL": ""},
+    "Redis": _UNSPENDABLE,  # RATE_LIMIT_REDIS_URL: `make env`'s
+}
 SYNC_PAGE = 1000
 SYNC_WALK_ROUNDS = 2
 
@@ -217,10 +225,11 @@ def _common_env(bench: Bench, port: int) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def service(bench: Bench) -> AsyncIterator[Server]:
+async def service(bench: Bench, rate_limits: str = "off") -> AsyncIterator[Server]:
     """The service as in production: `conversations serve` (workers, JSON access log, metrics,
     `RELAY_ENABLED=false`) and `conversations relay` in a process of its own, as the Kubernetes
-    manifests deploy them. Yields the API server."""
+    manifests deploy them, with the rate limits of RATE_LIMITS[rate_limits]. Yields the API
+    server."""
     port = free_port()
     relay_port = free_port()
     env = {
@@ -233,6 +242,7 @@ async def service(bench: Bench) -> AsyncIterator[Server]:
         "RELAY_HTTP_PORT": str(relay_port),
         "EVENTS_EXCHANGE": EXCHANGE,
         "SHUTDOWN_TIMEOUT_SECONDS": "5",
+        **RATE_LIMITS[rate_limits],
     }
     command = str(Path(sys.executable).with_name("conversations"))
 
@@ -323,9 +333,9 @@ async def measure(
     return bench.add(Measurement(scenario, subject, load, rss_mb=tuple(server.peak_rss_mb())))
 
 
-async def get_by_id(bench: Bench, server: Server, subject: str) -> Measurement:
+async def get_by_id(bench: Bench, server: Server, subject: str, scenario: str = "1") -> Measurement:
     """Warm up, then measure GET /v1/conversations/{id}."""
-    bench.say(f"scenario 1: {subject}: warm-up {bench.plan.warmup_seconds} s")
+    bench.say(f"scenario {scenario}: {subject}: warm-up {bench.plan.warmup_seconds} s")
     await wrk(
         bench.commands,
         "get_by_id.lua",
@@ -333,7 +343,7 @@ async def get_by_id(bench: Bench, server: Server, subject: str) -> Measurement:
         bench.plan.warmup_seconds,
         bench.dataset.data_dir,
     )
-    return await measure(bench, server, "1", subject, "get_by_id.lua", bench.plan.seconds)
+    return await measure(bench, server, scenario, subject, "get_by_id.lua", bench.plan.seconds)
 
 
 async def run_pgbench(bench: Bench, scenario: str, subject: str, script: str) -> Measurement:
@@ -417,6 +427,25 @@ def check_get_by_id(bench: Bench, rounds: list[list[Measurement]]) -> Measuremen
     what = "GET by id / pgbench SELECT (the database's ceiling)"
     bench.check(rate_check("get_vs_pgbench", what, get, ceiling, None))
     return get
+
+
+async def scenario_rate_limits(bench: Bench) -> None:
+    """Scenario 8: GET by id with the rate limits off, counted in-process and in Redis; each
+    round starts the three afresh, in turn, and the targets take each one's best round."""
+    rounds = []
+    for number in range(1, bench.plan.rounds + 1):
+        label = f" (round {number} of {bench.plan.rounds})" if bench.plan.rounds > 1 else ""
+        measured = []
+        for mode in RATE_LIMITS:
+            async with service(bench, mode) as server:
+                subject = f"{SERVICE_GET}, rate limits {mode}{label}"
+                measured.append(await get_by_id(bench, server, subject, scenario="8"))
+        rounds.append(measured)
+    off, in_process, redis = (_best(runs) for runs in zip(*rounds, strict=True))
+    what = "GET by id, rate limits in-process / off"
+    bench.check(rate_check("limits_in_process_vs_off", what, in_process, off, 0.95))
+    what = "GET by id, rate limits in Redis / off"
+    bench.check(rate_check("limits_redis_vs_off", what, redis, off, 0.8))
 
 
 async def scenario_list(bench: Bench, server: Server, get: Measurement) -> Measurement:
@@ -675,6 +704,7 @@ async def main(plan: Plan) -> None:
             await scenario_writes(bench, server)
             await scenario_relay(bench, server, sink)
             await scenario_mixed(bench, server)
+        await scenario_rate_limits(bench)
     elapsed = time.monotonic() - started
     machine = report.machine(
         ROOT,
