@@ -57,6 +57,8 @@ class Settings:
     metrics_token: str | None
     auth: AuthSettings
     events: EventSettings
+    # How long a keyed write's answer is replayed (the contract's IDEMPOTENCY_TTL_HOURS).
+    idempotency_ttl_hours: int = 24
 
 
 def _split_pem_blocks(text: str) -> tuple[str, ...]:
@@ -208,6 +210,9 @@ def load_settings() -> Settings:
         metrics_token=env.str("METRICS_TOKEN", None) or None,
         auth=_auth_settings(env),
         events=_event_settings(env),
+        idempotency_ttl_hours=env.int(
+            "IDEMPOTENCY_TTL_HOURS", 24, validate=validate.Range(1, 24 * 30)
+        ),
     )
     _seal(env)
     if settings.db_pool_min > settings.db_pool_max:

@@ -50,6 +50,7 @@ CONFIG_VARIABLES = [
     "RELAY_BATCH_SIZE",
     "RELAY_POLL_INTERVAL_SECONDS",
     "OUTBOX_RETENTION_HOURS",
+    "IDEMPOTENCY_TTL_HOURS",
 ]
 PASSWORD = "s3cr3t-Pa55word"
 URL_WITH_PASSWORD = f"postgresql://app:{PASSWORD}@db.example.test:5432/conversations"
@@ -122,7 +123,7 @@ async def test_the_schema_is_what_the_service_expects(conn):
             "select table_name from information_schema.tables where table_schema = 'public'"
         )
     }
-    assert tables == {"conversations", "outbox", "schema_migrations"}
+    assert tables == {"conversations", "outbox", "idempotency_keys", "schema_migrations"}
 
     rows = await conn.fetch(
         """select table_name, column_name, data_type, is_nullable, collation_name
@@ -163,6 +164,16 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "traceparent": ("text", "YES"),
         "created_at": ("timestamp with time zone", "NO"),
         "published_at": ("timestamp with time zone", "YES"),
+    }
+    assert shape("idempotency_keys") == {
+        "account_id": ("text", "NO"),
+        "key": ("text", "NO"),
+        "fingerprint": ("bytea", "NO"),
+        "status": ("smallint", "NO"),
+        "body": ("bytea", "NO"),
+        "headers": ("jsonb", "NO"),
+        "created_at": ("timestamp with time zone", "NO"),
+        "expires_at": ("timestamp with time zone", "NO"),
     }
     assert columns["conversations", "id"]["collation_name"] == "C"
     assert columns["outbox", "conversation_id"]["collation_name"] == "C"
@@ -205,6 +216,19 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "(group_id IS NOT NULL)",
     )
     assert index("outbox_pending_idx") == ("outbox", False, ["id"], "(published_at IS NULL)")
+    # Keys are per account; housekeeping scans by expiry.
+    assert index("idempotency_keys_pkey") == (
+        "idempotency_keys",
+        True,
+        ["account_id", "key"],
+        None,
+    )
+    assert index("idempotency_keys_expires_at_idx") == (
+        "idempotency_keys",
+        False,
+        ["expires_at"],
+        None,
+    )
 
 
 INSERT = """insert into conversations (account_id, id, contact_id, group_id, created_at)
@@ -509,6 +533,8 @@ def test_several_public_keys_in_one_variable(environment):
         ({"AMQP_URL": f"http://app:{PASSWORD}@mq/"}, "AMQP_URL"),
         ({"RELAY_BATCH_SIZE": "0"}, "RELAY_BATCH_SIZE"),
         ({"RELAY_ENABLED": "perhaps"}, "RELAY_ENABLED"),
+        ({"IDEMPOTENCY_TTL_HOURS": "0"}, "IDEMPOTENCY_TTL_HOURS"),
+        ({"IDEMPOTENCY_TTL_HOURS": "1.5"}, "IDEMPOTENCY_TTL_HOURS"),
     ],
 )
 def test_load_settings_names_the_bad_variable(environment, variables, named):

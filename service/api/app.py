@@ -1,5 +1,7 @@
 """The application factory: middlewares, routes and the resources' lifetimes."""
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -28,6 +30,7 @@ from service.api.middleware import (
     request_id_middleware,
 )
 from service.api.openapi import render_openapi
+from service.conversations import housekeeping, idempotency
 from service.errors import DATABASE_UNAVAILABLE
 from service.events.runtime import events_running
 from service.metrics import Metrics
@@ -88,6 +91,17 @@ async def events(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def housekeeping_jobs(app: web.Application) -> AsyncIterator[None]:
+    """Removal of expired rows (idempotency keys), one process of all replicas at a time."""
+    task = asyncio.create_task(
+        housekeeping.run_periodically(app[DB_POOL], [idempotency.EXPIRED_KEYS])
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def stop_being_ready(app: web.Application) -> None:
     """First thing on SIGTERM: /readyz fails, so no new traffic is routed here."""
     app[LIFECYCLE].stopping = True
@@ -118,6 +132,7 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     app.router.add_get("/metrics", probes.metrics)
     if role == "relay":
         return app
+    app.cleanup_ctx.append(housekeeping_jobs)
     app.router.add_get("/openapi.json", probes.openapi_document)
     app.router.add_get("/v1/conversations", handlers.list_conversations)
     app.router.add_post("/v1/conversations", handlers.create_conversation)

@@ -1,4 +1,7 @@
-"""HTTP handlers for /v1/conversations: HTTP and schemas only; the work is in `conversations`."""
+"""HTTP handlers for /v1/conversations: HTTP and schemas only; the work is in `conversations`.
+
+Each write handler reads its input, then hands `run_write` the write itself, which runs on the
+pool or, under an Idempotency-Key, in the transaction that stores its answer."""
 
 import contextlib
 import re
@@ -11,9 +14,15 @@ from aiohttp import web
 from schemas import ConversationCreateSchema, ConversationListQuerySchema, ConversationUpdateSchema
 from schemas.fields import CONVERSATION_ID_PATTERN, TRACEPARENT_PATTERN
 from service.api.bodies import load_query, read_body
+from service.api.idempotency import run_write
 from service.api.keys import DB_POOL, PRINCIPAL
 from service.conversations import operations
-from service.conversations.operations import ConversationNotFound, IfMatch, VersionMismatch
+from service.conversations.operations import (
+    ConversationNotFound,
+    Database,
+    IfMatch,
+    VersionMismatch,
+)
 from service.conversations.repository import ListFilter, StoredConversation
 from service.errors import ApiError, not_found
 
@@ -99,13 +108,17 @@ async def list_conversations(request: web.Request) -> web.Response:
 async def create_conversation(request: web.Request) -> web.Response:
     """POST /v1/conversations: 201 and the new conversation, or 200 and the existing one."""
     fields = await read_body(request, _create_schema)
-    conversation, created = await operations.create(
-        request.app[DB_POOL], request[PRINCIPAL].account_id, fields, _traceparent(request)
-    )
-    if not created:
-        return _conversation_response(conversation)
-    location = request.app.router["conversation"].url_for(id=conversation.resource["id"])
-    return _conversation_response(conversation, status=201, headers={"Location": str(location)})
+
+    async def create(db: Database) -> web.Response:
+        conversation, created = await operations.create(
+            db, request[PRINCIPAL].account_id, fields, _traceparent(request)
+        )
+        if not created:
+            return _conversation_response(conversation)
+        location = request.app.router["conversation"].url_for(id=conversation.resource["id"])
+        return _conversation_response(conversation, status=201, headers={"Location": str(location)})
+
+    return await run_write(request, fields, create)
 
 
 async def retrieve_conversation(request: web.Request) -> web.Response:
@@ -121,30 +134,38 @@ async def update_conversation(request: web.Request) -> web.Response:
     """PUT or PATCH /v1/conversations/{id}: a partial update."""
     conversation_id = _path_id(request)
     changes = await read_body(request, _update_schema)
-    with _domain_errors():
-        conversation = await operations.update(
-            request.app[DB_POOL],
-            request[PRINCIPAL].account_id,
-            conversation_id,
-            changes,
-            _if_match(request),
-            _traceparent(request),
-        )
-    return _conversation_response(conversation)
+
+    async def update(db: Database) -> web.Response:
+        with _domain_errors():
+            conversation = await operations.update(
+                db,
+                request[PRINCIPAL].account_id,
+                conversation_id,
+                changes,
+                _if_match(request),
+                _traceparent(request),
+            )
+        return _conversation_response(conversation)
+
+    return await run_write(request, changes, update)
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
     """DELETE /v1/conversations/{id}: permanent."""
     conversation_id = _path_id(request)
-    with _domain_errors():
-        await operations.delete(
-            request.app[DB_POOL],
-            request[PRINCIPAL].account_id,
-            conversation_id,
-            _if_match(request),
-            _traceparent(request),
-        )
-    return json_response({"id": conversation_id, "deleted": True})
+
+    async def delete(db: Database) -> web.Response:
+        with _domain_errors():
+            await operations.delete(
+                db,
+                request[PRINCIPAL].account_id,
+                conversation_id,
+                _if_match(request),
+                _traceparent(request),
+            )
+        return json_response({"id": conversation_id, "deleted": True})
+
+    return await run_write(request, None, delete)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,9 @@ T = TypeVar("T")
 
 # An If-Match header as a set of entity-tag values ("3", or "*" for any version); None if absent.
 IfMatch = frozenset[str] | None
+# Where a write runs: the pool (a connection of its own), or the caller's connection, whose
+# transaction it then joins (a keyed write commits with its stored answer).
+Database = asyncpg.Pool | asyncpg.Connection
 
 # Inserting can meet a conflict whose row is deleted before we read it; then we simply try again.
 _CREATE_ATTEMPTS = 3
@@ -40,20 +43,29 @@ class Page:
     has_more: bool
 
 
+@contextlib.asynccontextmanager
+async def _connection(db: Database) -> AsyncIterator[asyncpg.Connection]:
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            yield conn
+    else:
+        yield db
+
+
 def _check_version(current: StoredConversation, if_match: IfMatch) -> None:
     if if_match is not None and "*" not in if_match and str(current.version) not in if_match:
         raise VersionMismatch
 
 
 async def create(
-    pool: asyncpg.Pool, account_id: str, fields: dict[str, Any], traceparent: str | None = None
+    db: Database, account_id: str, fields: dict[str, Any], traceparent: str | None = None
 ) -> tuple[StoredConversation, bool]:
     """A new conversation for the contact or group, or the one it already has.
 
     Returns the conversation and whether it was created. Race-safe: concurrent creates for one
     contact meet the unique index, and all but one find the winner's row.
     """
-    async with pool.acquire() as conn:
+    async with _connection(db) as conn:
         for _ in range(_CREATE_ATTEMPTS):
             now_ms = time.time_ns() // 1_000_000
             resource = {
@@ -130,7 +142,7 @@ async def _current(
 
 
 async def _write(
-    pool: asyncpg.Pool,
+    db: Database,
     account_id: str,
     conversation_id: str,
     if_match: IfMatch,
@@ -138,7 +150,7 @@ async def _write(
 ) -> T:
     """Run `attempt` on the conversation as read now, after the If-Match check, until it
     returns something other than None (None: it lost the race to a concurrent change)."""
-    async with pool.acquire() as conn:
+    async with _connection(db) as conn:
         for number in range(_WRITE_ATTEMPTS):
             async with _current(
                 conn, account_id, conversation_id, lock=number == _WRITE_ATTEMPTS - 1
@@ -151,7 +163,7 @@ async def _write(
 
 
 async def update(
-    pool: asyncpg.Pool,
+    db: Database,
     account_id: str,
     conversation_id: str,
     changes: dict[str, Any],
@@ -184,11 +196,11 @@ async def update(
             conn, account_id, after.resource, current.version, outbox.event_row(event, traceparent)
         )
 
-    return await _write(pool, account_id, conversation_id, if_match, attempt)
+    return await _write(db, account_id, conversation_id, if_match, attempt)
 
 
 async def delete(
-    pool: asyncpg.Pool,
+    db: Database,
     account_id: str,
     conversation_id: str,
     if_match: IfMatch = None,
@@ -203,4 +215,4 @@ async def delete(
             await repository.delete(conn, account_id, conversation_id, current.version, row) or None
         )
 
-    await _write(pool, account_id, conversation_id, if_match, attempt)
+    await _write(db, account_id, conversation_id, if_match, attempt)
