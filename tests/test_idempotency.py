@@ -543,45 +543,55 @@ async def test_killed_after_the_commit_the_retry_is_the_replay_not_a_second_writ
         await second.kill()
 
 
-async def test_killed_after_the_write_before_its_commit_the_retry_writes_once(
-    event_settings, server, db, db_url, subscriber
+@pytest.mark.parametrize("ending", ["commits", "is cut off"])
+async def test_killed_while_its_write_is_in_flight_the_retry_gets_what_the_database_did(
+    event_settings, server, db, db_url, subscriber, ending
 ):
+    """The server sent its write and died before any answer. The write, its event and its
+    answer are one statement: PostgreSQL commits all three (the retry is the replay) or,
+    if the session is cut off first, none (the retry runs afresh). Never one without the
+    others, so never a second write."""
     token = mint_token(event_settings.auth, "acct_kill", ["conversations:write"], 600)
-    key = "kill-before-commit"
+    key = "kill-in-flight"
     first = server()
     await first.start()
-    # The answer's row is held by an open transaction: the server's write has run and its
-    # transaction waits to store the answer when the server is killed.
+    # An open transaction holds the key's answer row: the server's statement has claimed
+    # the key and inserted the conversation and its event, and waits to insert the answer.
     blocker = await asyncpg.connect(db_url)
     transaction = blocker.transaction()
     await transaction.start()
     try:
         await blocker.execute(
             """INSERT INTO idempotency_keys
-                   (account_id, key, fingerprint, status, body, headers, expires_at)
-               VALUES ('acct_kill', $1, $2, 200, '', '{}', now() + interval '1 hour')""",
+                   (account_id, key, fingerprint, status, body, expires_at)
+               VALUES ('acct_kill', $1, $2, 200, '', now() + interval '1 hour')""",
             key,
             bytes(32),
         )
         request = asyncio.create_task(post_with_key(first.port, token, key, {"contact_id": "c1"}))
-        pid = await wait_for_lock_wait(db, "INSERT INTO idempotency_keys")
+        pid = await wait_for_lock_wait(db, "pg_try_advisory_xact_lock")
         await first.kill()
         with pytest.raises(aiohttp.ClientError):
             await request
+        if ending == "is cut off":
+            assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
     finally:
         await transaction.rollback()
         await blocker.close()
-    await wait_until_gone(db, pid)  # its session ended: the write went with it
-    assert await counts(db) == (0, 0)
+    await wait_until_gone(db, pid)
+    committed = ending == "commits"
+    assert await counts(db) == ((1, 1) if committed else (0, 0))
+    assert await db.fetchval("SELECT count(*) FROM idempotency_keys") == int(committed)
 
     second = server()
     await second.start()
     try:
         retry = await post_with_key(second.port, token, key, {"contact_id": "c1"})
         assert retry.status == 201
-        assert REPLAYED not in retry.headers
+        assert retry.headers.get(REPLAYED) == ("true" if committed else None)
         again = await post_with_key(second.port, token, key, {"contact_id": "c1"})
         assert again.headers[REPLAYED] == "true"
+        assert await again.read() == await retry.read()
         assert await counts(db) == (1, 1)
         [message] = await subscriber.receive(1, timeout=60)
         assert message.message_id == await db.fetchval("SELECT event_id FROM outbox")

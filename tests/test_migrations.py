@@ -171,7 +171,8 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "fingerprint": ("bytea", "NO"),
         "status": ("smallint", "NO"),
         "body": ("bytea", "NO"),
-        "headers": ("jsonb", "NO"),
+        "etag": ("text", "YES"),
+        "location": ("text", "YES"),
         "created_at": ("timestamp with time zone", "NO"),
         "expires_at": ("timestamp with time zone", "NO"),
     }
@@ -216,7 +217,7 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "(group_id IS NOT NULL)",
     )
     assert index("outbox_pending_idx") == ("outbox", False, ["id"], "(published_at IS NULL)")
-    # Keys are per account; housekeeping scans by expiry.
+    # Keys are per account; housekeeping scans by expiry (BRIN: rows arrive in expiry order).
     assert index("idempotency_keys_pkey") == (
         "idempotency_keys",
         True,

@@ -1,7 +1,7 @@
 """HTTP handlers for /v1/conversations: HTTP and schemas only; the work is in `conversations`.
 
-Each write handler reads its input, then hands `run_write` the write itself, which runs on the
-pool or, under an Idempotency-Key, in the transaction that stores its answer."""
+A write handler reads its input and gives `run_write` the operation and how its result is
+answered: under an Idempotency-Key the domain stores that answer with the write."""
 
 import contextlib
 import re
@@ -14,15 +14,11 @@ from aiohttp import web
 from schemas import ConversationCreateSchema, ConversationListQuerySchema, ConversationUpdateSchema
 from schemas.fields import CONVERSATION_ID_PATTERN, TRACEPARENT_PATTERN
 from service.api.bodies import load_query, read_body
-from service.api.idempotency import run_write
+from service.api.idempotency import json_answer, response, run_write
 from service.api.keys import DB_POOL, PRINCIPAL
 from service.conversations import operations
-from service.conversations.operations import (
-    ConversationNotFound,
-    Database,
-    IfMatch,
-    VersionMismatch,
-)
+from service.conversations.idempotency import Keyed, StoredAnswer
+from service.conversations.operations import ConversationNotFound, IfMatch, VersionMismatch
 from service.conversations.repository import ListFilter, StoredConversation
 from service.errors import ApiError, not_found
 
@@ -42,10 +38,10 @@ def json_response(
     )
 
 
-def _conversation_response(
+def _conversation_answer(
     conversation: StoredConversation, *, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return json_response(
+) -> StoredAnswer:
+    return json_answer(
         conversation.resource,
         status=status,
         headers={"ETag": f'"{conversation.version}"', **(headers or {})},
@@ -109,16 +105,25 @@ async def create_conversation(request: web.Request) -> web.Response:
     """POST /v1/conversations: 201 and the new conversation, or 200 and the existing one."""
     fields = await read_body(request, _create_schema)
 
-    async def create(db: Database) -> web.Response:
-        conversation, created = await operations.create(
-            db, request[PRINCIPAL].account_id, fields, _traceparent(request)
-        )
+    def render(result: tuple[StoredConversation, bool]) -> StoredAnswer:
+        conversation, created = result
         if not created:
-            return _conversation_response(conversation)
+            return _conversation_answer(conversation)
         location = request.app.router["conversation"].url_for(id=conversation.resource["id"])
-        return _conversation_response(conversation, status=201, headers={"Location": str(location)})
+        return _conversation_answer(conversation, status=201, headers={"Location": str(location)})
 
-    return await run_write(request, fields, create)
+    async def create(
+        keyed: Keyed[tuple[StoredConversation, bool]] | None,
+    ) -> tuple[StoredConversation, bool]:
+        return await operations.create(
+            request.app[DB_POOL],
+            request[PRINCIPAL].account_id,
+            fields,
+            _traceparent(request),
+            keyed,
+        )
+
+    return await run_write(request, fields, create, render)
 
 
 async def retrieve_conversation(request: web.Request) -> web.Response:
@@ -127,7 +132,7 @@ async def retrieve_conversation(request: web.Request) -> web.Response:
         conversation = await operations.get(
             request.app[DB_POOL], request[PRINCIPAL].account_id, _path_id(request)
         )
-    return _conversation_response(conversation)
+    return response(_conversation_answer(conversation))
 
 
 async def update_conversation(request: web.Request) -> web.Response:
@@ -135,37 +140,40 @@ async def update_conversation(request: web.Request) -> web.Response:
     conversation_id = _path_id(request)
     changes = await read_body(request, _update_schema)
 
-    async def update(db: Database) -> web.Response:
+    async def update(keyed: Keyed[StoredConversation] | None) -> StoredConversation:
         with _domain_errors():
-            conversation = await operations.update(
-                db,
+            return await operations.update(
+                request.app[DB_POOL],
                 request[PRINCIPAL].account_id,
                 conversation_id,
                 changes,
                 _if_match(request),
                 _traceparent(request),
+                keyed,
             )
-        return _conversation_response(conversation)
 
-    return await run_write(request, changes, update)
+    return await run_write(request, changes, update, _conversation_answer)
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
     """DELETE /v1/conversations/{id}: permanent."""
     conversation_id = _path_id(request)
 
-    async def delete(db: Database) -> web.Response:
+    async def delete(keyed: Keyed[StoredConversation] | None) -> StoredConversation:
         with _domain_errors():
-            await operations.delete(
-                db,
+            return await operations.delete(
+                request.app[DB_POOL],
                 request[PRINCIPAL].account_id,
                 conversation_id,
                 _if_match(request),
                 _traceparent(request),
+                keyed,
             )
-        return json_response({"id": conversation_id, "deleted": True})
 
-    return await run_write(request, None, delete)
+    def render(deleted: StoredConversation) -> StoredAnswer:
+        return json_answer({"id": deleted.resource["id"], "deleted": True})
+
+    return await run_write(request, None, delete, render)
 
 
 @contextlib.contextmanager

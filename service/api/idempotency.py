@@ -1,13 +1,14 @@
 """Idempotency-Key on writes: the header, the request's fingerprint, and the replayed answer.
 
-The key store and its transaction are the domain's (`service.conversations.idempotency`); this
-module decides which answers are stored and how a stored one is replayed.
+The key store and the statements that claim keys are the domain's
+(`service.conversations.idempotency`); this module decides what a request's key and
+fingerprint are, which answers are stored, and how a stored one is replayed.
 """
 
 import hashlib
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -15,9 +16,18 @@ from aiohttp import web
 from service.api.keys import DB_POOL, PRINCIPAL, SETTINGS
 from service.api.middleware import error_response
 from service.conversations import idempotency
-from service.conversations.idempotency import KeyInUse, KeyReused, StoredAnswer
-from service.conversations.operations import Database
+from service.conversations.idempotency import (
+    AlreadyAnswered,
+    IdempotencyKey,
+    Keyed,
+    KeyedAnswer,
+    KeyInUse,
+    KeyReused,
+    StoredAnswer,
+)
 from service.errors import ApiError
+
+T = TypeVar("T")
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -31,22 +41,6 @@ _STORED_HEADERS = ("ETag", "Location")
 # How long a request that finds its key in use is asked to wait.
 _RETRY_AFTER_SECONDS = "1"
 
-Write = Callable[[Database], Awaitable[web.Response]]
-
-
-def _key(request: web.Request) -> str | None:
-    """The request's Idempotency-Key; None without one; 400 if it is malformed."""
-    values = request.headers.getall(HEADER, [])
-    if not values:
-        return None
-    if len(values) > 1 or not _KEY.fullmatch(values[0]):
-        raise ApiError(
-            400,
-            f"{HEADER} must be one value of 1 to 255 printable ASCII characters.",
-            param=HEADER,
-        )
-    return values[0]
-
 
 def fingerprint(request: web.Request, body: dict[str, Any] | None) -> bytes:
     """SHA-256 of what makes two requests the same request: the method, the path with its query,
@@ -58,44 +52,72 @@ def fingerprint(request: web.Request, body: dict[str, Any] | None) -> bytes:
     return hashlib.sha256(canonical).digest()
 
 
-async def run_write(
-    request: web.Request, body: dict[str, Any] | None, write: Write
-) -> web.Response:
-    """Run a write handler's `write`, once per Idempotency-Key if the request carries one.
-
-    Without a key, `write` runs on the pool as always. With one, the first request's answer
-    (2xx, 404, 412) is stored with its write, in one transaction; a retry with the same request
-    gets it again with `Idempotent-Replayed: true`, a different request under the key a 422,
-    and a retry while the first still runs a 409. Other errors are not stored: the write is
-    rolled back with them, and the next try runs afresh.
-    """
-    key = _key(request)
-    if key is None:
-        return await write(request.app[DB_POOL])
-
-    async def write_and_keep(db: Database) -> StoredAnswer:
-        try:
-            response = await write(db)
-        except ApiError as error:
-            if error.status not in _STORED_ERRORS:
-                raise
-            response = error_response(request, error)
-        if not isinstance(response.body, bytes):
-            raise TypeError("a write answers with encoded JSON")
-        headers = {
-            name: response.headers[name] for name in _STORED_HEADERS if name in response.headers
-        }
-        return StoredAnswer(response.status, response.body, headers)
-
-    try:
-        answer, replayed = await idempotency.run_once(
-            request.app[DB_POOL],
-            request[PRINCIPAL].account_id,
-            key,
-            fingerprint(request, body),
-            request.app[SETTINGS].idempotency_ttl_hours,
-            write_and_keep,
+def idempotency_key(request: web.Request, body: dict[str, Any] | None) -> IdempotencyKey | None:
+    """The request's Idempotency-Key in its account; None without one; 400 if malformed."""
+    values = request.headers.getall(HEADER, [])
+    if not values:
+        return None
+    if len(values) > 1 or not _KEY.fullmatch(values[0]):
+        raise ApiError(
+            400,
+            f"{HEADER} must be one value of 1 to 255 printable ASCII characters.",
+            param=HEADER,
         )
+    return IdempotencyKey(
+        request[PRINCIPAL].account_id,
+        values[0],
+        fingerprint(request, body),
+        request.app[SETTINGS].idempotency_ttl_hours,
+    )
+
+
+def json_answer(
+    data: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> StoredAnswer:
+    """A JSON answer, encoded with orjson."""
+    return StoredAnswer(status, orjson.dumps(data), headers or {})
+
+
+def response(answer: StoredAnswer, *, replayed: bool = False) -> web.Response:
+    """The HTTP response for an answer (a replayed one says so)."""
+    headers = {**answer.headers, REPLAYED_HEADER: "true"} if replayed else answer.headers
+    return web.Response(
+        status=answer.status, body=answer.body, content_type="application/json", headers=headers
+    )
+
+
+def _refusal(request: web.Request, error: ApiError) -> StoredAnswer:
+    rendered = error_response(request, error)
+    assert isinstance(rendered.body, bytes)  # error_response encodes the body itself
+    kept = {name: rendered.headers[name] for name in _STORED_HEADERS if name in rendered.headers}
+    return StoredAnswer(rendered.status, rendered.body, kept)
+
+
+async def run_write(
+    request: web.Request,
+    body: dict[str, Any] | None,
+    operation: Callable[[Keyed[T] | None], Awaitable[T]],
+    render: Callable[[T], StoredAnswer],
+) -> web.Response:
+    """Run a write `operation` and answer with `render` of its result, once per key.
+
+    Without an Idempotency-Key the operation runs as always. With one, the domain stores the
+    answer with the write (and a 404 or 412 refusal is stored here); a retry of the same
+    request gets the stored answer with `Idempotent-Replayed: true`, a different request under
+    the key a 422, a retry while the first still runs a 409. Other errors store nothing.
+    """
+    key = idempotency_key(request, body)
+    keyed = Keyed(key, render) if key is not None else None
+    try:
+        try:
+            answer = render(await operation(keyed))
+        except ApiError as error:
+            if keyed is None or error.status not in _STORED_ERRORS:
+                raise
+            answer = _refusal(request, error)
+            await idempotency.store_refusal(request.app[DB_POOL], KeyedAnswer(keyed.key, answer))
+    except AlreadyAnswered as stored:
+        return response(stored.answer, replayed=True)
     except KeyInUse:
         raise ApiError(
             409,
@@ -106,7 +128,4 @@ async def run_write(
     except KeyReused:
         message = f"This {HEADER} was already used for a different request."
         raise ApiError(422, message, errors={HEADER: [message]}, param=HEADER) from None
-    headers = {**answer.headers, REPLAYED_HEADER: "true"} if replayed else answer.headers
-    return web.Response(
-        status=answer.status, body=answer.body, content_type="application/json", headers=headers
-    )
+    return response(answer)

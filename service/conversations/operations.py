@@ -1,5 +1,6 @@
 """Domain operations on conversations. Each write changes the row and records its event in one
-statement (so one transaction), and only if the row is still as it was read."""
+statement (so one transaction), and only if the row is still as it was read; under an
+idempotency key, the same statement also claims the key and stores the answer."""
 
 import contextlib
 import time
@@ -9,7 +10,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from service.conversations import outbox, repository
+from service.conversations import idempotency, outbox, repository
+from service.conversations.idempotency import Keyed
 from service.conversations.ids import new_id
 from service.conversations.repository import ListFilter, StoredConversation
 
@@ -17,9 +19,6 @@ T = TypeVar("T")
 
 # An If-Match header as a set of entity-tag values ("3", or "*" for any version); None if absent.
 IfMatch = frozenset[str] | None
-# Where a write runs: the pool (a connection of its own), or the caller's connection, whose
-# transaction it then joins (a keyed write commits with its stored answer).
-Database = asyncpg.Pool | asyncpg.Connection
 
 # Inserting can meet a conflict whose row is deleted before we read it; then we simply try again.
 _CREATE_ATTEMPTS = 3
@@ -43,29 +42,25 @@ class Page:
     has_more: bool
 
 
-@contextlib.asynccontextmanager
-async def _connection(db: Database) -> AsyncIterator[asyncpg.Connection]:
-    if isinstance(db, asyncpg.Pool):
-        async with db.acquire() as conn:
-            yield conn
-    else:
-        yield db
-
-
 def _check_version(current: StoredConversation, if_match: IfMatch) -> None:
     if if_match is not None and "*" not in if_match and str(current.version) not in if_match:
         raise VersionMismatch
 
 
 async def create(
-    db: Database, account_id: str, fields: dict[str, Any], traceparent: str | None = None
+    pool: asyncpg.Pool,
+    account_id: str,
+    fields: dict[str, Any],
+    traceparent: str | None = None,
+    keyed: Keyed[tuple[StoredConversation, bool]] | None = None,
 ) -> tuple[StoredConversation, bool]:
     """A new conversation for the contact or group, or the one it already has.
 
     Returns the conversation and whether it was created. Race-safe: concurrent creates for one
-    contact meet the unique index, and all but one find the winner's row.
+    contact meet the unique index, and all but one find the winner's row. Under a key, its
+    answer is stored with the outcome (see `idempotency`).
     """
-    async with _connection(db) as conn:
+    async with pool.acquire() as conn:
         for _ in range(_CREATE_ATTEMPTS):
             now_ms = time.time_ns() // 1_000_000
             resource = {
@@ -80,11 +75,14 @@ async def create(
                 "created_at": now_ms // 1000,
                 "archived_at": None,
             }
-            event = outbox.build_event(
-                outbox.CREATED, account_id, StoredConversation(resource, 1), 1
-            )
+            new = StoredConversation(resource, 1)
+            event = outbox.build_event(outbox.CREATED, account_id, new, 1)
             created = await repository.insert(
-                conn, account_id, resource, outbox.event_row(event, traceparent)
+                conn,
+                account_id,
+                resource,
+                outbox.event_row(event, traceparent),
+                keyed.answer((new, True)) if keyed else None,
             )
             if created is not None:
                 return created, True
@@ -92,6 +90,8 @@ async def create(
                 conn, account_id, resource["contact_id"], resource["group_id"]
             )
             if existing is not None:
+                if keyed:
+                    await idempotency.store(conn, keyed.answer((existing, False)))
                 return existing, False
     raise RuntimeError("create kept conflicting with conversations deleted under it")
 
@@ -142,7 +142,7 @@ async def _current(
 
 
 async def _write(
-    db: Database,
+    pool: asyncpg.Pool,
     account_id: str,
     conversation_id: str,
     if_match: IfMatch,
@@ -150,7 +150,7 @@ async def _write(
 ) -> T:
     """Run `attempt` on the conversation as read now, after the If-Match check, until it
     returns something other than None (None: it lost the race to a concurrent change)."""
-    async with _connection(db) as conn:
+    async with pool.acquire() as conn:
         for number in range(_WRITE_ATTEMPTS):
             async with _current(
                 conn, account_id, conversation_id, lock=number == _WRITE_ATTEMPTS - 1
@@ -163,15 +163,16 @@ async def _write(
 
 
 async def update(
-    db: Database,
+    pool: asyncpg.Pool,
     account_id: str,
     conversation_id: str,
     changes: dict[str, Any],
     if_match: IfMatch = None,
     traceparent: str | None = None,
+    keyed: Keyed[StoredConversation] | None = None,
 ) -> StoredConversation:
     """Apply `changes` (writable fields only). A change that changes nothing keeps the version
-    and records no event."""
+    and records no event. Under a key, its answer is stored with the outcome."""
 
     async def attempt(
         conn: asyncpg.Connection, current: StoredConversation
@@ -182,6 +183,8 @@ async def update(
             if current.resource[field] != value
         }
         if not previous:
+            if keyed:
+                await idempotency.store(conn, keyed.answer(current))
             return current
         after = StoredConversation({**current.resource, **changes}, current.version + 1)
         archived = "archived_at" in previous and previous["archived_at"] is None
@@ -193,26 +196,37 @@ async def update(
             previous,
         )
         return await repository.update(
-            conn, account_id, after.resource, current.version, outbox.event_row(event, traceparent)
+            conn,
+            account_id,
+            after.resource,
+            current.version,
+            outbox.event_row(event, traceparent),
+            keyed.answer(after) if keyed else None,
         )
 
-    return await _write(db, account_id, conversation_id, if_match, attempt)
+    return await _write(pool, account_id, conversation_id, if_match, attempt)
 
 
 async def delete(
-    db: Database,
+    pool: asyncpg.Pool,
     account_id: str,
     conversation_id: str,
     if_match: IfMatch = None,
     traceparent: str | None = None,
-) -> None:
-    """Delete permanently; the event carries the last state, one sequence past its version."""
+    keyed: Keyed[StoredConversation] | None = None,
+) -> StoredConversation:
+    """Delete permanently; the event carries the last state, one sequence past its version.
+    Returns that last state. Under a key, its answer is stored with the delete."""
 
-    async def attempt(conn: asyncpg.Connection, current: StoredConversation) -> bool | None:
+    async def attempt(
+        conn: asyncpg.Connection, current: StoredConversation
+    ) -> StoredConversation | None:
         event = outbox.build_event(outbox.DELETED, account_id, current, current.version + 1)
         row = outbox.event_row(event, traceparent)
-        return (
-            await repository.delete(conn, account_id, conversation_id, current.version, row) or None
+        answer = keyed.answer(current) if keyed else None
+        deleted = await repository.delete(
+            conn, account_id, conversation_id, current.version, row, answer
         )
+        return current if deleted else None
 
-    await _write(db, account_id, conversation_id, if_match, attempt)
+    return await _write(pool, account_id, conversation_id, if_match, attempt)
