@@ -16,7 +16,7 @@ import pytest
 from service.api.app import create_app
 from service.api.auth import mint_token
 from service.api.keys import DB_POOL
-from service.conversations import housekeeping, idempotency
+from service.conversations import housekeeping, idempotency, operations, repository
 from tests.error_bodies import error_body
 from tests.events_support import amqp_url
 from tests.proxy import free_port
@@ -144,6 +144,31 @@ async def test_refusals_of_the_domain_are_stored_too(client, headers, db):
     assert again.status == 404
     assert again.headers[REPLAYED] == "true"
     assert await counts(db) == (1, 1)
+
+
+async def test_a_keyed_write_in_the_locked_last_try_stores_its_answer(
+    client, headers, db, monkeypatch
+):
+    created = await client.post("/v1/conversations", json={"contact_id": "c1"}, headers=headers)
+    url = created.headers["Location"]
+    real_update = repository.update
+    calls = []
+
+    async def loses_until_locked(conn, *args, **kwargs):
+        calls.append(conn.is_in_transaction())
+        if len(calls) < operations._WRITE_ATTEMPTS:
+            return None  # as if another writer had changed the row in between
+        return await real_update(conn, *args, **kwargs)
+
+    monkeypatch.setattr(repository, "update", loses_until_locked)
+    first = await client.put(url, json={"is_muted": True}, headers=keyed(headers, "locked"))
+    assert first.status == 200
+    assert calls[-1] is True  # the last try ran in the locking transaction
+    monkeypatch.undo()
+    again = await client.put(url, json={"is_muted": True}, headers=keyed(headers, "locked"))
+    assert again.headers[REPLAYED] == "true"
+    assert await again.read() == await first.read()
+    assert await counts(db) == (1, 2)
 
 
 # --- what is not stored -------------------------------------------------------------------------
