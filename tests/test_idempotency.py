@@ -146,6 +146,30 @@ async def test_refusals_of_the_domain_are_stored_too(client, headers, db):
     assert await counts(db) == (1, 1)
 
 
+async def test_outcomes_that_write_nothing_are_stored_too(client, headers, db):
+    existing = await client.post("/v1/conversations", json={"contact_id": "c1"}, headers=headers)
+    url = existing.headers["Location"]
+    for _ in range(2):  # the contact's conversation: 200, and the same 200 again
+        resp = await client.post(
+            "/v1/conversations", json={"contact_id": "c1"}, headers=keyed(headers, "has-one")
+        )
+        assert resp.status == 200
+        assert await resp.read() == await existing.read()
+    assert resp.headers[REPLAYED] == "true"
+    for _ in range(2):  # an update that changes nothing
+        resp = await client.patch(url, json={"is_muted": False}, headers=keyed(headers, "no-op"))
+        assert resp.status == 200
+        assert resp.headers["ETag"] == '"1"'
+    assert resp.headers[REPLAYED] == "true"
+    # Changed meanwhile: the retry still gets the answer the first request got.
+    assert (await client.patch(url, json={"is_muted": True}, headers=headers)).status == 200
+    resp = await client.patch(url, json={"is_muted": False}, headers=keyed(headers, "no-op"))
+    assert resp.headers[REPLAYED] == "true"
+    assert resp.headers["ETag"] == '"1"'
+    assert (await (await client.get(url, headers=headers)).json())["is_muted"] is True
+    assert await counts(db) == (1, 2)
+
+
 async def test_a_keyed_write_in_the_locked_last_try_stores_its_answer(
     client, headers, db, monkeypatch
 ):
