@@ -2,6 +2,7 @@
 PostgreSQL and RabbitMQ."""
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -461,6 +462,28 @@ async def test_housekeeping_removes_expired_keys_in_batches_one_process_at_a_tim
 
 
 EXPIRED = idempotency.EXPIRED_KEYS.name
+
+
+async def test_housekeeping_runs_periodically_past_a_failing_job(client, headers, db):
+    resp = await client.post(
+        "/v1/conversations", json={"contact_id": "c1"}, headers=keyed(headers, "old")
+    )
+    assert resp.status == 201
+    await db.execute("UPDATE idempotency_keys SET expires_at = now() - interval '1 hour'")
+    broken = housekeeping.Job("a job that fails", "DELETE FROM no_such_table WHERE $1 > 0")
+    task = asyncio.create_task(
+        housekeeping.run_periodically(
+            client.app[DB_POOL], [broken, idempotency.EXPIRED_KEYS], interval=0.05
+        )
+    )
+    try:
+        async with asyncio.timeout(20):
+            while await db.fetchval("SELECT count(*) FROM idempotency_keys"):
+                await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_the_expiry_scan_uses_its_index(db):

@@ -63,13 +63,16 @@ async def run_jobs(
 async def run_periodically(
     pool: asyncpg.Pool, jobs: Sequence[Job], *, interval: float = INTERVAL_SECONDS
 ) -> None:
-    """A pass of `jobs` every `interval` seconds until cancelled; a failed pass is logged and
-    the next one tries again."""
+    """Each of `jobs` every `interval` seconds until cancelled; a job that fails is logged and
+    tried again at the next pass, and does not keep the others from running."""
     # Replicas started together would otherwise all wake at once, only for one to find work.
     await asyncio.sleep(random.uniform(0, interval))  # noqa: S311  # jitter, not cryptography
     while True:
-        try:
-            await run_jobs(pool, jobs)
-        except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as error:
-            log.warning("housekeeping pass failed (%s); retrying later", type(error).__name__)
+        for job in jobs:
+            try:
+                await run_jobs(pool, [job])
+            except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as error:
+                log.warning("housekeeping: %s failed (%s)", job.name, type(error).__name__)
+            except Exception as error:  # a bug must not end housekeeping for the process's life
+                log.error("housekeeping: %s failed (%s)", job.name, type(error).__name__)
         await asyncio.sleep(interval)
