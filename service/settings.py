@@ -69,6 +69,8 @@ class Settings:
     auth: AuthSettings
     events: EventSettings
     rate_limits: RateLimitSettings
+    # How long a keyed write's answer is replayed (the contract's IDEMPOTENCY_TTL_HOURS).
+    idempotency_ttl_hours: int = 24
 
     @property
     def sync_retention_seconds(self) -> int:
@@ -241,6 +243,9 @@ def load_settings() -> Settings:
         auth=_auth_settings(env),
         events=_event_settings(env),
         rate_limits=_rate_limit_settings(env),
+        idempotency_ttl_hours=env.int(
+            "IDEMPOTENCY_TTL_HOURS", 24, validate=validate.Range(1, 24 * 30)
+        ),
     )
     _seal(env)
     if settings.db_pool_min > settings.db_pool_max:

@@ -55,6 +55,7 @@ CONFIG_VARIABLES = [
     "RATE_LIMIT_WRITES",
     "RATE_LIMIT_WINDOW_SECONDS",
     "RATE_LIMIT_REDIS_URL",
+    "IDEMPOTENCY_TTL_HOURS",
 ]
 PASSWORD = "s3cr3t-Pa55word"
 URL_WITH_PASSWORD = f"postgresql://app:{PASSWORD}@db.example.test:5432/conversations"
@@ -131,6 +132,7 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "conversations",
         "conversation_tombstones",
         "conversation_tombstones_removed",
+        "idempotency_keys",
         "outbox",
         "schema_migrations",
     }
@@ -182,6 +184,17 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "traceparent": ("text", "YES"),
         "created_at": ("timestamp with time zone", "NO"),
         "published_at": ("timestamp with time zone", "YES"),
+    }
+    assert shape("idempotency_keys") == {
+        "account_id": ("text", "NO"),
+        "key": ("text", "NO"),
+        "fingerprint": ("bytea", "NO"),
+        "status": ("smallint", "NO"),
+        "body": ("bytea", "NO"),
+        "etag": ("text", "YES"),
+        "location": ("text", "YES"),
+        "created_at": ("timestamp with time zone", "NO"),
+        "expires_at": ("timestamp with time zone", "NO"),
     }
     assert columns["conversations", "id"]["collation_name"] == "C"
     assert columns["outbox", "conversation_id"]["collation_name"] == "C"
@@ -256,6 +269,19 @@ async def test_the_schema_is_what_the_service_expects(conn):
     )
     assert definitions["conversations_metadata_idx"].endswith(
         f"{using} gin (account_id, metadata jsonb_path_ops)"
+    )
+    # Keys are per account; housekeeping scans by expiry (BRIN: rows arrive in expiry order).
+    assert index("idempotency_keys_pkey") == (
+        "idempotency_keys",
+        True,
+        ["account_id", "key"],
+        None,
+    )
+    assert index("idempotency_keys_expires_at_idx") == (
+        "idempotency_keys",
+        False,
+        ["expires_at"],
+        None,
     )
 
 
@@ -561,6 +587,8 @@ def test_several_public_keys_in_one_variable(environment):
         ({"AMQP_URL": f"http://app:{PASSWORD}@mq/"}, "AMQP_URL"),
         ({"RELAY_BATCH_SIZE": "0"}, "RELAY_BATCH_SIZE"),
         ({"RELAY_ENABLED": "perhaps"}, "RELAY_ENABLED"),
+        ({"IDEMPOTENCY_TTL_HOURS": "0"}, "IDEMPOTENCY_TTL_HOURS"),
+        ({"IDEMPOTENCY_TTL_HOURS": "1.5"}, "IDEMPOTENCY_TTL_HOURS"),
     ],
 )
 def test_load_settings_names_the_bad_variable(environment, variables, named):

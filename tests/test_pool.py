@@ -22,6 +22,9 @@ async def test_requests_leave_no_session_state_on_pool_connections(client, heade
     await client.post("/v1/conversations", json={"contact_id": "c1"}, headers=headers)  # existing
     await client.put(url, json={"is_muted": True}, headers=headers)
     await client.put(url, json={"is_muted": False}, headers={**headers, "If-Match": '"9"'})  # 412
+    keyed = {**headers, "Idempotency-Key": "k1"}  # its statement takes an advisory lock
+    await client.put(url, json={"is_pinned": True}, headers=keyed)
+    await client.put(url, json={"is_pinned": True}, headers=keyed)  # the replay
     await client.get(url, headers=headers)
     await client.get("/v1/conversations?archived=false&limit=5", headers=headers)
     await client.get("/readyz")

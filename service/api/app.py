@@ -35,7 +35,7 @@ from service.api.middleware import (
 )
 from service.api.openapi import render_openapi
 from service.api.ratelimit import RateLimiter
-from service.conversations import housekeeping, repository, sync
+from service.conversations import housekeeping, idempotency, repository, sync
 from service.errors import DATABASE_UNAVAILABLE, DatabaseUnreachable
 from service.events.runtime import events_running
 from service.logs import Throttle
@@ -118,9 +118,12 @@ async def events(app: web.Application) -> AsyncIterator[None]:
 
 
 async def housekeeping_task(app: web.Application) -> AsyncIterator[None]:
-    """Rows past their retention (sync tombstones) removed every minute or so, in bounded
-    batches, by one API replica at a time (a PostgreSQL advisory lock)."""
-    cleanups = [sync.expired_tombstones(app[SETTINGS].sync_retention_seconds)]
+    """Rows past their retention (sync tombstones, idempotency keys) removed every minute or so,
+    in bounded batches, by one process of all replicas at a time (a PostgreSQL advisory lock)."""
+    cleanups = [
+        sync.expired_tombstones(app[SETTINGS].sync_retention_seconds),
+        idempotency.EXPIRED_KEYS,
+    ]
     task = asyncio.create_task(housekeeping.run_periodically(app[DB_POOL], cleanups))
     yield
     task.cancel()

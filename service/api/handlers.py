@@ -1,4 +1,7 @@
-"""HTTP handlers for /v1/conversations: HTTP and schemas only; the work is in `conversations`."""
+"""HTTP handlers for /v1/conversations: HTTP and schemas only; the work is in `conversations`.
+
+A write handler reads its input and gives `run_write` the operation and how its result is
+answered: under an Idempotency-Key the domain stores that answer with the write."""
 
 import contextlib
 import re
@@ -17,8 +20,10 @@ from schemas import (
 )
 from schemas.fields import CONVERSATION_ID_PATTERN, METADATA_MAX_KEYS, TRACEPARENT_PATTERN
 from service.api.bodies import load_query, read_body
+from service.api.idempotency import json_answer, response, run_write
 from service.api.keys import DB_POOL, PRINCIPAL, SETTINGS
 from service.conversations import operations, sync
+from service.conversations.idempotency import Keyed, StoredAnswer
 from service.conversations.operations import (
     ConversationNotFound,
     IfMatch,
@@ -45,10 +50,10 @@ def json_response(
     )
 
 
-def _conversation_response(
+def _conversation_answer(
     conversation: StoredConversation, *, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return json_response(
+) -> StoredAnswer:
+    return json_answer(
         conversation.resource,
         status=status,
         headers={"ETag": f'"{conversation.version}"', **(headers or {})},
@@ -151,14 +156,27 @@ async def list_changes(request: web.Request) -> web.Response:
 async def create_conversation(request: web.Request) -> web.Response:
     """POST /v1/conversations: 201 and the new conversation, or 200 and the existing one."""
     fields = await read_body(request, _create_schema)
-    with _domain_errors():
-        conversation, created = await operations.create(
-            request.app[DB_POOL], request[PRINCIPAL].account_id, fields, _traceparent(request)
-        )
-    if not created:
-        return _conversation_response(conversation)
-    location = request.app.router["conversation"].url_for(id=conversation.resource["id"])
-    return _conversation_response(conversation, status=201, headers={"Location": str(location)})
+
+    def render(result: tuple[StoredConversation, bool]) -> StoredAnswer:
+        conversation, created = result
+        if not created:
+            return _conversation_answer(conversation)
+        location = request.app.router["conversation"].url_for(id=conversation.resource["id"])
+        return _conversation_answer(conversation, status=201, headers={"Location": str(location)})
+
+    async def create(
+        keyed: Keyed[tuple[StoredConversation, bool]] | None,
+    ) -> tuple[StoredConversation, bool]:
+        with _domain_errors():
+            return await operations.create(
+                request.app[DB_POOL],
+                request[PRINCIPAL].account_id,
+                fields,
+                _traceparent(request),
+                keyed,
+            )
+
+    return await run_write(request, fields, create, render)
 
 
 async def retrieve_conversation(request: web.Request) -> web.Response:
@@ -167,37 +185,48 @@ async def retrieve_conversation(request: web.Request) -> web.Response:
         conversation = await operations.get(
             request.app[DB_POOL], request[PRINCIPAL].account_id, _path_id(request)
         )
-    return _conversation_response(conversation)
+    return response(_conversation_answer(conversation))
 
 
 async def update_conversation(request: web.Request) -> web.Response:
     """PUT or PATCH /v1/conversations/{id}: a partial update."""
     conversation_id = _path_id(request)
     changes = await read_body(request, _update_schema)
-    with _domain_errors():
-        conversation = await operations.update(
-            request.app[DB_POOL],
-            request[PRINCIPAL].account_id,
-            conversation_id,
-            changes,
-            _if_match(request),
-            _traceparent(request),
-        )
-    return _conversation_response(conversation)
+
+    async def update(keyed: Keyed[StoredConversation] | None) -> StoredConversation:
+        with _domain_errors():
+            return await operations.update(
+                request.app[DB_POOL],
+                request[PRINCIPAL].account_id,
+                conversation_id,
+                changes,
+                _if_match(request),
+                _traceparent(request),
+                keyed,
+            )
+
+    return await run_write(request, changes, update, _conversation_answer)
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
     """DELETE /v1/conversations/{id}: permanent."""
     conversation_id = _path_id(request)
-    with _domain_errors():
-        await operations.delete(
-            request.app[DB_POOL],
-            request[PRINCIPAL].account_id,
-            conversation_id,
-            _if_match(request),
-            _traceparent(request),
-        )
-    return json_response({"id": conversation_id, "deleted": True})
+
+    async def delete(keyed: Keyed[StoredConversation] | None) -> StoredConversation:
+        with _domain_errors():
+            return await operations.delete(
+                request.app[DB_POOL],
+                request[PRINCIPAL].account_id,
+                conversation_id,
+                _if_match(request),
+                _traceparent(request),
+                keyed,
+            )
+
+    def render(deleted: StoredConversation) -> StoredAnswer:
+        return json_answer({"id": deleted.resource["id"], "deleted": True})
+
+    return await run_write(request, None, delete, render)
 
 
 @contextlib.contextmanager

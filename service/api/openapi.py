@@ -29,8 +29,14 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": "Error"}}}
 
 
+_REPLAYED = {"$ref": "#/components/headers/IdempotentReplayed"}
+
+
 def _conversation(description: str, *, location: bool = False) -> dict[str, Any]:
-    headers: dict[str, Any] = {"ETag": {"$ref": "#/components/headers/ETag"}}
+    headers: dict[str, Any] = {
+        "ETag": {"$ref": "#/components/headers/ETag"},
+        "Idempotent-Replayed": _REPLAYED,
+    }
     if location:
         headers["Location"] = {
             "description": "The new conversation's URL.",
@@ -95,10 +101,38 @@ _RATE_LIMIT_HEADERS = {
     "X-RateLimit-Limit": "Requests per window in the budget this request drew on (reads or writes).",
     "X-RateLimit-Remaining": "Requests left in that budget now.",
     "X-RateLimit-Reset": "Unix second at which Remaining next goes up.",
-    "Retry-After": "Seconds until a request on the spent budget is admitted.",
+    "Retry-After": "Seconds to wait before a retry is admitted (429: the spent budget; 409: the "
+    "first request with the Idempotency-Key).",
 }
 
 
+_IDEMPOTENCY_KEY = {
+    "in": "header",
+    "name": "Idempotency-Key",
+    "required": False,
+    "description": (
+        "Makes the write safe to retry (1 to 255 printable ASCII characters, per account; "
+        "otherwise 400). The first request's answer (2xx, 404 or 412) is stored with its write "
+        "for IDEMPOTENCY_TTL_HOURS (24 by default); a retry with the same key and the same "
+        "request (method, path with query, If-Match, body as parsed) gets it again with "
+        "`Idempotent-Replayed: true`, without a second write or event. Answers of requests "
+        "refused before the write (400, 401, 403, 413, 415, 422, 429) and 5xx are not stored."
+    ),
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+}
+_IDEMPOTENCY_ERRORS = {
+    "409": {
+        "description": (
+            "A request with this Idempotency-Key is still running; retry after Retry-After seconds."
+        ),
+        "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
+        "content": {"application/json": {"schema": "Error"}},
+    },
+}
+_KEY_REUSED = (
+    "; or the Idempotency-Key was already used for a different request "
+    '(`param: "Idempotency-Key"`).'
+)
 _COMMON_ERRORS = {
     "401": _error("Missing or invalid bearer token."),
     "403": _error("The token lacks the scope."),
@@ -109,10 +143,10 @@ _COMMON_ERRORS = {
     "503": _error("A dependency is unavailable; retry after Retry-After seconds."),
 }
 _BODY_ERRORS = {
-    "400": _error("Empty, malformed or non-object body."),
+    "400": _error("Empty, malformed or non-object body, or a malformed Idempotency-Key."),
     "413": _error("Body larger than 64 KiB."),
     "415": _error("Unsupported Content-Type."),
-    "422": _error("Invalid fields."),
+    "422": _error("Invalid fields" + _KEY_REUSED),
 }
 
 
@@ -148,6 +182,16 @@ def build_openapi() -> dict[str, Any]:
     )
     for name, description in _RATE_LIMIT_HEADERS.items():
         spec.components.header(name, {"description": description, "schema": {"type": "integer"}})
+    spec.components.header(
+        "IdempotentReplayed",
+        {
+            "description": (
+                "`true` when the answer is the stored answer of an earlier request with the "
+                "same Idempotency-Key (same status, body, ETag and Location); absent otherwise."
+            ),
+            "schema": {"type": "string", "enum": ["true"]},
+        },
+    )
     for name, schema in (
         ("Conversation", ConversationSchema),
         ("ConversationList", ConversationListSchema),
@@ -186,11 +230,13 @@ def build_openapi() -> dict[str, Any]:
             "post": {
                 "summary": "Create a conversation (or get the contact's or group's existing one)",
                 "operationId": "createConversation",
+                "parameters": [_IDEMPOTENCY_KEY],
                 "requestBody": _body("ConversationCreate"),
                 "responses": {
                     "201": _conversation("Created.", location=True),
                     "200": _conversation("The contact or group already has this conversation."),
                     **_BODY_ERRORS,
+                    **_IDEMPOTENCY_ERRORS,
                     **_COMMON_ERRORS,
                 },
             },
@@ -228,13 +274,14 @@ def build_openapi() -> dict[str, Any]:
     precondition = {"412": _error("If-Match names another version.")}
     update = {
         "summary": "Update a conversation (partial)",
-        "parameters": [_IF_MATCH],
+        "parameters": [_IF_MATCH, _IDEMPOTENCY_KEY],
         "requestBody": _body("ConversationUpdate"),
         "responses": {
             "200": _conversation("Updated (or unchanged)."),
             **not_found,
             **precondition,
             **_BODY_ERRORS,
+            **_IDEMPOTENCY_ERRORS,
             **_COMMON_ERRORS,
         },
     }
@@ -256,14 +303,18 @@ def build_openapi() -> dict[str, Any]:
             "delete": {
                 "summary": "Delete a conversation permanently",
                 "operationId": "deleteConversation",
-                "parameters": [_IF_MATCH],
+                "parameters": [_IF_MATCH, _IDEMPOTENCY_KEY],
                 "responses": {
                     "200": {
                         "description": "Deleted.",
+                        "headers": {"Idempotent-Replayed": _REPLAYED},
                         "content": {"application/json": {"schema": "DeletedConversation"}},
                     },
                     **not_found,
                     **precondition,
+                    "400": _error("A malformed Idempotency-Key."),
+                    **_IDEMPOTENCY_ERRORS,
+                    "422": _error("The Idempotency-Key was already used for a different request."),
                     **_COMMON_ERRORS,
                 },
             },

@@ -1,10 +1,12 @@
-"""Housekeeping: rows past their retention removed periodically, in bounded batches, by one
-replica at a time.
+"""Housekeeping: rows past their retention (delta-sync tombstones, idempotency keys) removed
+periodically, in bounded batches, by one process of all replicas at a time.
 
 Each cleanup is one statement that removes at most `$1` rows (further parameters follow) and
 returns how many it removed; it runs again until a batch comes back short. Every batch is its
-own short transaction holding the housekeeping lock, so no lock or snapshot is held for long,
-and an interrupted run loses nothing: the next one carries on.
+own short transaction that first takes a transaction-scoped advisory lock: while one process
+is deleting, the others skip their pass, no lock or snapshot is held for long, a process that
+dies leaves no lock behind and no session state on the pool's connections (PgBouncer in
+transaction mode stays safe), and an interrupted run loses nothing: the next one carries on.
 """
 
 import asyncio
@@ -19,15 +21,14 @@ from service.errors import DATABASE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
-# Advisory lock of the replica running a cleanup batch ("convhous"). Transaction-level, so a pool
-# connection keeps no session state (and PgBouncer in transaction mode stays safe).
+# The lock every housekeeping batch takes ("convhous"; the relay's and migrations' differ).
 HOUSEKEEPING_LOCK_KEY = 0x636F6E76_686F7573
 INTERVAL_SECONDS = 60.0
 BATCH_SIZE = 1000
 TRY_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Cleanup:
     """A named batched delete: `statement` removes at most `$1` rows and returns the count;
     `arguments` are its `$2`, `$3`, ..."""
@@ -41,7 +42,7 @@ async def run_once(
     pool: asyncpg.Pool, cleanups: Sequence[Cleanup], *, batch_size: int = BATCH_SIZE
 ) -> dict[str, int] | None:
     """Run every cleanup to the end; how many rows each removed, or None as soon as another
-    replica holds the lock (it is doing the same work)."""
+    process holds the lock (it is doing the same work)."""
     removed = {cleanup.name: 0 for cleanup in cleanups}
     async with pool.acquire() as conn:
         for cleanup in cleanups:
@@ -61,17 +62,24 @@ async def run_once(
 async def run_periodically(
     pool: asyncpg.Pool, cleanups: Sequence[Cleanup], *, interval: float = INTERVAL_SECONDS
 ) -> None:
-    """`run_once` every `interval` seconds (jittered, so replicas spread out) until cancelled;
-    a failed round (a database outage, most likely) is logged and the next one tries again."""
+    """Each cleanup every `interval` seconds (jittered, so replicas spread out) until cancelled;
+    one that fails (a database outage, most likely) is logged, does not keep the others from
+    running, and is tried again at the next pass."""
     while True:
         await asyncio.sleep(interval * random.uniform(0.5, 1.5))  # noqa: S311  # not cryptography
-        try:
-            await run_once(pool, cleanups)
-        except Exception as error:  # the job must outlive a bad round; the type says what
-            level = logging.WARNING if isinstance(error, DATABASE_UNAVAILABLE) else logging.ERROR
-            log.log(
-                level,
-                "housekeeping failed (%s); next run in about %.0fs",
-                type(error).__name__,
-                interval,
-            )
+        for cleanup in cleanups:
+            try:
+                await run_once(pool, [cleanup])
+            except Exception as error:  # the job must outlive a bad round; the type says what
+                level = (
+                    logging.WARNING
+                    if isinstance(error, (*DATABASE_UNAVAILABLE, asyncpg.PostgresError))
+                    else logging.ERROR
+                )
+                log.log(
+                    level,
+                    "housekeeping: %s failed (%s); next run in about %.0fs",
+                    cleanup.name,
+                    type(error).__name__,
+                    interval,
+                )

@@ -1,5 +1,6 @@
 """Domain operations on conversations. Each write changes the row and records its event in one
-statement (so one transaction), and only if the row is still as it was read."""
+statement (so one transaction), and only if the row is still as it was read; under an
+idempotency key, the same statement also claims the key and stores the answer."""
 
 import contextlib
 import time
@@ -11,7 +12,8 @@ import asyncpg
 
 from schemas.cursor import Position, Sort
 from schemas.fields import METADATA_MAX_KEYS
-from service.conversations import outbox, repository
+from service.conversations import idempotency, outbox, repository
+from service.conversations.idempotency import Keyed
 from service.conversations.ids import new_id
 from service.conversations.repository import ListFilter, StoredConversation
 
@@ -66,12 +68,17 @@ def _check_version(current: StoredConversation, if_match: IfMatch) -> None:
 
 
 async def create(
-    pool: asyncpg.Pool, account_id: str, fields: dict[str, Any], traceparent: str | None = None
+    pool: asyncpg.Pool,
+    account_id: str,
+    fields: dict[str, Any],
+    traceparent: str | None = None,
+    keyed: Keyed[tuple[StoredConversation, bool]] | None = None,
 ) -> tuple[StoredConversation, bool]:
     """A new conversation for the contact or group, or the one it already has.
 
     Returns the conversation and whether it was created. Race-safe: concurrent creates for one
-    contact meet the unique index, and all but one find the winner's row.
+    contact meet the unique index, and all but one find the winner's row. Under a key, its
+    answer is stored with the outcome (see `idempotency`).
     """
     async with pool.acquire() as conn:
         for _ in range(_CREATE_ATTEMPTS):
@@ -89,11 +96,14 @@ async def create(
                 "archived_at": None,
                 "metadata": merge_metadata({}, fields.get("metadata", {})),
             }
-            event = outbox.build_event(
-                outbox.CREATED, account_id, StoredConversation(resource, 1), 1
-            )
+            new = StoredConversation(resource, 1)
+            event = outbox.build_event(outbox.CREATED, account_id, new, 1)
             created = await repository.insert(
-                conn, account_id, resource, outbox.event_row(event, traceparent)
+                conn,
+                account_id,
+                resource,
+                outbox.event_row(event, traceparent),
+                keyed.answer((new, True)) if keyed else None,
             )
             if created is not None:
                 return created, True
@@ -101,6 +111,8 @@ async def create(
                 conn, account_id, resource["contact_id"], resource["group_id"]
             )
             if existing is not None:
+                if keyed:
+                    await idempotency.store(conn, keyed.answer((existing, False)))
                 return existing, False
     raise RuntimeError("create kept conflicting with conversations deleted under it")
 
@@ -186,9 +198,11 @@ async def update(
     changes: dict[str, Any],
     if_match: IfMatch = None,
     traceparent: str | None = None,
+    keyed: Keyed[StoredConversation] | None = None,
 ) -> StoredConversation:
     """Apply `changes` (writable fields only; metadata is merged into the current object). A
-    change that changes nothing keeps the version and records no event."""
+    change that changes nothing keeps the version and records no event. Under a key, its answer
+    is stored with the outcome."""
 
     async def attempt(
         conn: asyncpg.Connection, current: StoredConversation
@@ -204,6 +218,8 @@ async def update(
             if current.resource[field] != value
         }
         if not previous:
+            if keyed:
+                await idempotency.store(conn, keyed.answer(current))
             return current
         after = StoredConversation({**current.resource, **wanted}, current.version + 1)
         archived = "archived_at" in previous and previous["archived_at"] is None
@@ -215,7 +231,12 @@ async def update(
             previous,
         )
         return await repository.update(
-            conn, account_id, after.resource, current.version, outbox.event_row(event, traceparent)
+            conn,
+            account_id,
+            after.resource,
+            current.version,
+            outbox.event_row(event, traceparent),
+            keyed.answer(after) if keyed else None,
         )
 
     return await _write(pool, account_id, conversation_id, if_match, attempt)
@@ -227,14 +248,20 @@ async def delete(
     conversation_id: str,
     if_match: IfMatch = None,
     traceparent: str | None = None,
-) -> None:
-    """Delete permanently; the event carries the last state, one sequence past its version."""
+    keyed: Keyed[StoredConversation] | None = None,
+) -> StoredConversation:
+    """Delete permanently; the event carries the last state, one sequence past its version.
+    Returns that last state. Under a key, its answer is stored with the delete."""
 
-    async def attempt(conn: asyncpg.Connection, current: StoredConversation) -> bool | None:
+    async def attempt(
+        conn: asyncpg.Connection, current: StoredConversation
+    ) -> StoredConversation | None:
         event = outbox.build_event(outbox.DELETED, account_id, current, current.version + 1)
         row = outbox.event_row(event, traceparent)
-        return (
-            await repository.delete(conn, account_id, conversation_id, current.version, row) or None
+        answer = keyed.answer(current) if keyed else None
+        deleted = await repository.delete(
+            conn, account_id, conversation_id, current.version, row, answer
         )
+        return current if deleted else None
 
-    await _write(pool, account_id, conversation_id, if_match, attempt)
+    return await _write(pool, account_id, conversation_id, if_match, attempt)

@@ -8,6 +8,8 @@ import asyncpg
 import orjson
 
 from schemas.cursor import Position, Sort
+from service.conversations import idempotency
+from service.conversations.idempotency import KeyedAnswer
 
 # The resource's fields, in the contract's order; `version` travels beside them.
 RESOURCE_FIELDS = (
@@ -63,6 +65,17 @@ def _stored(record: asyncpg.Record) -> StoredConversation:
     return StoredConversation(resource_of(record), record["version"])
 
 
+def _event(first: int) -> str:
+    """The outbox row of the change's row, if any: parameters `first` to `first + 6`, in
+    `outbox.event_row` order."""
+    n = first
+    return f"""event AS (
+    INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload,
+                        traceparent)
+    SELECT ${n}, ${n + 1}, ${n + 2}, ${n + 3}, ${n + 4}, ${n + 5}::json, ${n + 6} FROM changed
+)"""
+
+
 def _with_event(change: str, first: int, *, also: str = "") -> str:
     """`change` (an INSERT, UPDATE or DELETE returning the row) and, if it touched a row, that
     change's outbox row, in one statement: one round trip, atomic without BEGIN/COMMIT.
@@ -70,26 +83,66 @@ def _with_event(change: str, first: int, *, also: str = "") -> str:
     The event's values are parameters `first` to `first + 6`, in `outbox.event_row` order;
     `also` is any further data-modifying CTE on `changed` (a delete's tombstone).
     """
-    n = first
     return f"""
 WITH changed AS ({change}),{also}
-event AS (
-    INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload,
-                        traceparent)
-    SELECT ${n}, ${n + 1}, ${n + 2}, ${n + 3}, ${n + 4}, ${n + 5}::json, ${n + 6} FROM changed
-)
+{_event(first)}
 SELECT {_COLUMNS} FROM changed
 """
 
 
-INSERT_CONVERSATION = _with_event(
-    f"""
+# A keyed change runs only if its claim allows it (see idempotency.claim_key).
+MAY_WRITE = "(SELECT may_write FROM claim)"
+
+
+def _with_event_and_answer(change: str, first: int, *, also: str = "") -> str:
+    """As `_with_event`, under an idempotency key: the claim first, and with the row and its
+    event, the answer; still one statement. `change` runs only if MAY_WRITE.
+
+    The key's values follow the event's: parameters `first + 7` to `first + 14`, in
+    `idempotency.KeyedAnswer.params` order. One row always: the claim, and the changed row's
+    columns (null when nothing changed).
+    """
+    return f"""
+WITH claim AS ({idempotency.claim_key(first + 7, first + 8)}),
+changed AS ({change}),{also}
+{_event(first)},
+answer AS ({idempotency.insert_answer(first + 7, "changed")})
+SELECT {idempotency.CLAIM_COLUMNS}, changed.* FROM claim LEFT JOIN changed ON true
+"""
+
+
+async def _run(
+    conn: asyncpg.Connection,
+    plain: str,
+    keyed_query: str,
+    args: tuple[object, ...],
+    keyed: KeyedAnswer | None,
+) -> StoredConversation | None:
+    """The changed row of `plain`, or under a key of `keyed_query` (whose claim may raise)."""
+    if keyed is None:
+        record = await conn.fetchrow(plain, *args)
+    else:
+        record = await idempotency.run_claimed(conn, keyed_query, args, keyed)
+        if record["id"] is None:
+            record = None
+    return _stored(record) if record else None
+
+
+_INSERT = f"""
     INSERT INTO conversations (account_id, id, contact_id, group_id, pinned_message_id,
                                is_pinned, is_muted, last_active_at, last_opened_at, created_at,
                                metadata)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+    {{values}}
     ON CONFLICT DO NOTHING
-    RETURNING {_COLUMNS}""",
+    RETURNING {_COLUMNS}"""
+INSERT_CONVERSATION = _with_event(
+    _INSERT.format(values="VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"), 12
+)
+INSERT_CONVERSATION_KEYED = _with_event_and_answer(
+    _INSERT.format(
+        values="SELECT $1::text, $2::text, $3::text, $4::text, $5::text, $6::boolean, "
+        f"$7::boolean, $8::bigint, $9::bigint, $10::bigint, $11::jsonb WHERE {MAY_WRITE}"
+    ),
     12,
 )
 
@@ -99,11 +152,11 @@ async def insert(
     account_id: str,
     resource: dict[str, Any],
     event: tuple[object, ...],
+    keyed: KeyedAnswer | None = None,
 ) -> StoredConversation | None:
-    """Insert a new conversation and its event; None (and no event) when the contact or group
-    already has one."""
-    record = await conn.fetchrow(
-        INSERT_CONVERSATION,
+    """Insert a new conversation and its event (and, under a key, its answer); None (and no
+    event) when the contact or group already has one."""
+    args = (
         account_id,
         resource["id"],
         resource["contact_id"],
@@ -117,7 +170,7 @@ async def insert(
         resource["metadata"],
         *event,
     )
-    return _stored(record) if record else None
+    return await _run(conn, INSERT_CONVERSATION, INSERT_CONVERSATION_KEYED, args, keyed)
 
 
 SELECT_BY_CONTACT = (
@@ -151,16 +204,15 @@ async def get(
 
 
 # change_xid: every change moves the row's delta-sync position (service/conversations/sync.py).
-UPDATE_CONVERSATION = _with_event(
-    f"""
+_UPDATE = f"""
     UPDATE conversations
     SET pinned_message_id = $4, is_pinned = $5, is_muted = $6,
         last_active_at = $7, last_opened_at = $8, archived_at = $9, metadata = $10,
         version = version + 1, change_xid = pg_current_xact_id()
-    WHERE account_id = $1 AND id = $2 AND version = $3
-    RETURNING {_COLUMNS}""",
-    11,
-)
+    WHERE account_id = $1 AND id = $2 AND version = $3{{guard}}
+    RETURNING {_COLUMNS}"""
+UPDATE_CONVERSATION = _with_event(_UPDATE.format(guard=""), 11)
+UPDATE_CONVERSATION_KEYED = _with_event_and_answer(_UPDATE.format(guard=f" AND {MAY_WRITE}"), 11)
 
 
 async def update(
@@ -169,28 +221,29 @@ async def update(
     resource: dict[str, Any],
     expected_version: int,
     event: tuple[object, ...],
+    keyed: KeyedAnswer | None = None,
 ) -> StoredConversation | None:
-    """Write the writable fields of `resource` and its event if the row is still at
-    `expected_version`; None (and no event) if it changed or went meanwhile."""
-    record = await conn.fetchrow(
-        UPDATE_CONVERSATION,
+    """Write the writable fields of `resource` and its event (and, under a key, its answer) if
+    the row is still at `expected_version`; None (and no event) if it changed or went."""
+    args = (
         account_id,
         resource["id"],
         expected_version,
         *(resource[field] for field in WRITABLE_FIELDS),
         *event,
     )
-    return _stored(record) if record else None
+    return await _run(conn, UPDATE_CONVERSATION, UPDATE_CONVERSATION_KEYED, args, keyed)
 
 
+_DELETE = f"""
+    DELETE FROM conversations WHERE account_id = $1 AND id = $2 AND version = $3{{guard}}
+    RETURNING {_COLUMNS}"""
 # The tombstone's position is the deleting transaction's id (the column's default), as an update's.
-DELETE_CONVERSATION = _with_event(
-    f"""
-    DELETE FROM conversations WHERE account_id = $1 AND id = $2 AND version = $3
-    RETURNING {_COLUMNS}""",
-    4,
-    also="""
-tombstone AS (INSERT INTO conversation_tombstones (account_id, id) SELECT $1, id FROM changed),""",
+_TOMBSTONE = """
+tombstone AS (INSERT INTO conversation_tombstones (account_id, id) SELECT $1, id FROM changed),"""
+DELETE_CONVERSATION = _with_event(_DELETE.format(guard=""), 4, also=_TOMBSTONE)
+DELETE_CONVERSATION_KEYED = _with_event_and_answer(
+    _DELETE.format(guard=f" AND {MAY_WRITE}"), 4, also=_TOMBSTONE
 )
 
 
@@ -200,12 +253,13 @@ async def delete(
     conversation_id: str,
     expected_version: int,
     event: tuple[object, ...],
+    keyed: KeyedAnswer | None = None,
 ) -> bool:
-    """Remove a conversation and record its event if it is still at `expected_version`."""
-    record = await conn.fetchrow(
-        DELETE_CONVERSATION, account_id, conversation_id, expected_version, *event
-    )
-    return record is not None
+    """Remove a conversation and record its event (and, under a key, its answer) if it is
+    still at `expected_version`."""
+    args = (account_id, conversation_id, expected_version, *event)
+    deleted = await _run(conn, DELETE_CONVERSATION, DELETE_CONVERSATION_KEYED, args, keyed)
+    return deleted is not None
 
 
 @dataclass(frozen=True, slots=True)

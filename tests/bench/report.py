@@ -98,6 +98,13 @@ WHY_MISSED = {
         "(while the relay ran inside an API worker it was starved instead, and this ratio was "
         "0.64-0.80)."
     ),
+    "keyed_post_vs_post": (
+        "A keyed POST is still one statement, but that statement also takes an advisory lock, "
+        "looks the key up and inserts the answer (a row and a primary-key entry); in Python the "
+        "request's fingerprint and the answer are computed before the write. On 2 cores shared "
+        "with PostgreSQL and wrk, that extra work shows almost whole in the rate; the two runs "
+        "follow each other, so other work on the machine can also move this ratio."
+    ),
     "put_vs_pgbench": (
         "As for POST, with the read that precedes the write (two round trips, each a turn "
         "through the worker's event loop) and the change set computed in Python."
@@ -235,6 +242,8 @@ $commands
    random account, and PUT toggling `is_muted` (each wrk thread owns a share of the targets
    and remembers their state, which the harness resets first, so every PUT is a real change:
    a version bump and an event). pgbench runs the same statements (`tests/bench/pgbench/`).
+   Right after the plain POST, the same POST with a new `Idempotency-Key` on every request
+   (the first try of each write, never a replay: what a caller that always sends keys costs).
 4. **Relay.** The running service's relay drains an outbox pre-filled with 100,000 events
    (20,000 in quick mode), timed on the database's clock from the fill's commit to the last
    `published_at`; a raw aio-pika publisher (batches of 500, publisher confirms, persistent

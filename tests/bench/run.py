@@ -485,12 +485,16 @@ async def scenario_inbox(bench: Bench, server: Server, first: Measurement) -> No
 
 
 async def scenario_writes(bench: Bench, server: Server) -> None:
-    """Scenario 3: POST and PUT against pgbench running the same transactions."""
+    """Scenario 3: POST (also with an Idempotency-Key) and PUT against pgbench running the
+    same transactions."""
     bench.say("scenario 3: writes")
     seconds = bench.plan.seconds
     await reset_muted(bench.dataset.database_url)
     post = await measure(
         bench, server, "3", "service POST /v1/conversations", "create.lua", seconds
+    )
+    keyed = await measure(
+        bench, server, "3", "service POST with Idempotency-Key", "create_keyed.lua", seconds
     )
     put = await measure(
         bench, server, "3", "service PUT /v1/conversations/{id}", "update.lua", seconds
@@ -498,6 +502,8 @@ async def scenario_writes(bench: Bench, server: Server) -> None:
     post_tx = await run_pgbench(bench, "3", "pgbench: the POST's SQL", "create.sql")
     put_tx = await run_pgbench(bench, "3", "pgbench: the PUT's SQL", "update.sql")
     bench.check(rate_check("post_vs_pgbench", "POST / pgbench same SQL", post, post_tx, 0.5))
+    what = "POST with Idempotency-Key / POST without"
+    bench.check(rate_check("keyed_post_vs_post", what, keyed, post, 0.85))
     bench.check(rate_check("put_vs_pgbench", "PUT / pgbench same SQL", put, put_tx, 0.5))
 
 

@@ -52,10 +52,11 @@ function M.get(account, path)
     return wrk.format("GET", path, {Authorization = account.auth, ["X-Account-ID"] = account.id})
 end
 
-local function send_json(method, account, path, body)
+local function send_json(method, account, path, body, key)
     return wrk.format(method, path, {
         Authorization = account.auth,
         ["Content-Type"] = "application/json",
+        ["Idempotency-Key"] = key,  -- nil: no such header
     }, body)
 end
 
@@ -86,13 +87,14 @@ function M.seed_random()
     math.random()
 end
 
--- POST /v1/conversations for a contact never seen before: tag, thread and a counter.
+-- POST /v1/conversations for a contact never seen before: tag, thread and a counter. With
+-- `keyed`, an Idempotency-Key as new as the contact (the first try of a write, never a replay).
 local created = 0
-function M.create(accounts)
+function M.create(accounts, keyed)
     created = created + 1
     local contact = string.format("b%st%dn%d", os.getenv("BENCH_TAG") or "x", thread_number, created)
     return send_json("POST", M.pick(accounts), "/v1/conversations",
-        '{"contact_id":"' .. contact .. '"}')
+        '{"contact_id":"' .. contact .. '"}', keyed and ("key-" .. contact) or nil)
 end
 
 -- PUT /v1/conversations/{id} toggling is_muted. A thread only updates its own share of the
