@@ -17,7 +17,12 @@ import orjson
 import pytest
 
 from service.events.broker import Broker, declare_topology
-from service.events.relay import PARTITION_LOCK_CLASS, Relay
+from service.events.relay import (
+    PARTITION_LOCK_CLASS,
+    RELAY_LOCK_KEY,
+    STANDBY_RETRY_SECONDS,
+    Relay,
+)
 from tests.events_support import (
     RecordingBroker,
     Subscriber,
@@ -240,6 +245,20 @@ async def test_with_one_partition_one_relay_publishes_everything_in_order(
     assert in_order(messages) == 0
     assert {m.headers["partition"] for m in messages} == {0}
     assert len({name for name, *_ in log}) == 1
+
+
+async def test_relays_wait_while_a_single_leader_relay_of_the_earlier_version_runs(
+    event_settings, subscriber, db
+):
+    await db.execute("SELECT pg_advisory_lock($1)", RELAY_LOCK_KEY)  # how the old leader locked
+    expected = set(await fill(db, conversations=10, events_each=2))
+    exchange = event_settings.events.exchange
+    async with running_relay(event_settings, Broker(amqp_url(), exchange)) as (relay, _):
+        await subscriber.nothing_more(STANDBY_RETRY_SECONDS + 1)  # it tried, and stood by
+        assert relay.partitions == ()
+        await db.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK_KEY)  # the old one stopped
+        messages = await receive_all(subscriber, expected)
+    assert in_order(messages) == 0
 
 
 async def test_the_partition_count_changes_only_with_nothing_pending(db):
