@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -31,7 +32,7 @@ from tests.events_support import (
     running_relay,
     wait_until,
 )
-from tests.proxy import free_port
+from tests.proxy import TcpProxy, free_port, via_port
 
 PARTITIONS = 16  # what migration 0006 sets
 # One event per conversation and sequence, in sequence order: outbox order is commit order.
@@ -230,6 +231,41 @@ async def test_a_relay_that_joins_mid_drain_gets_its_share_and_one_that_leaves_h
     assert {name for name, _, _, _, message_id in log if message_id in later} == {"a"}
 
 
+async def test_a_relay_cut_off_from_the_broker_hands_its_partitions_to_the_others(
+    event_settings, subscriber, db
+):
+    parts = urlsplit(amqp_url())
+    proxy = TcpProxy(parts.hostname, parts.port)
+    await proxy.start()
+    log: list = []
+    exchange = event_settings.events.exchange
+    cut_off = RecordingBroker(via_port(amqp_url(), proxy.port), exchange, log, "a")
+
+    async def halves() -> bool:
+        return len(a.partitions) == len(b.partitions) == PARTITIONS // 2
+
+    try:
+        async with (
+            running_relay(event_settings, cut_off) as (a, _),
+            running_relay(event_settings, RecordingBroker(amqp_url(), exchange, log, "b")) as (
+                b,
+                _,
+            ),
+        ):
+            await wait_until(halves)
+            await proxy.cut()
+            await wait_until(lambda: _true(len(b.partitions) == PARTITIONS and not a.partitions))
+            expected = await burst(event_settings.database_url, conversations=50, events_each=5)
+            messages = await receive_all(subscriber, expected)
+            await proxy.start()
+            await wait_until(halves)  # back, it gets its share again
+    finally:
+        if proxy.running:
+            await proxy.cut()
+    assert in_order(messages) == 0
+    assert {name for name, _, _, _, event_id in log if event_id in expected} == {"b"}
+
+
 async def test_with_one_partition_one_relay_publishes_everything_in_order(
     event_settings, subscriber, db
 ):
@@ -347,6 +383,35 @@ async def test_a_relay_killed_mid_drain_is_taken_over_within_seconds(
     # At most the dead relay's batch in flight and the confirmed one it was marking.
     assert duplicates <= 2 * batch
     assert survivor.returncode == 0
+
+
+async def test_a_relay_that_loses_its_database_session_hands_over_its_partitions(
+    event_settings, subscriber, db
+):
+    settings = _batch(event_settings, 50)
+    log: list = []
+    expected = set(await fill(db, conversations=300, events_each=20))
+    async with relays(settings, log, "ab") as (a, b):
+        first = []
+        while len(first) < 1000:
+            first.append(await asyncio.wait_for(subscriber.messages.get(), 30))
+        lost = a.partitions
+        # The server ends a's session (as a failover or a network cut would).
+        await db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks"
+            " WHERE locktype = 'advisory' AND classid = $1::bigint::oid AND objid = $2::oid",
+            PARTITION_LOCK_CLASS,
+            lost[0],
+        )
+        rest = await receive_all(subscriber, expected - {m.message_id for m in first})
+        await wait_until(lambda: pending_is(db, 0))
+        # a reconnected and rejoined: fair shares again.
+        await wait_until(lambda: _true(len(a.partitions) == len(b.partitions) == 8))
+    messages = first + rest
+    assert {m.message_id for m in messages} == expected
+    # Its batch in flight and the confirmed one it could no longer mark may go out twice (both
+    # still pending when another relay takes the partition over), never out of order.
+    assert in_order(messages) <= 2 * settings.events.relay_batch_size
 
 
 async def _holders_are(db: asyncpg.Connection, counts: list[int]) -> bool:

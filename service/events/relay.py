@@ -71,6 +71,7 @@ WHERE id IN (
 )
 """
 JOIN = "SELECT pg_try_advisory_lock_shared($1)"
+LEAVE = "SELECT pg_advisory_unlock_shared($1)"
 TRY_PARTITION = "SELECT pg_try_advisory_lock($1::int, $2::int)"
 RELEASE_PARTITION = "SELECT pg_advisory_unlock($1::int, $2::int)"
 # P, the live relays, and the partitions no relay holds: what a relay's fair share depends on.
@@ -174,25 +175,30 @@ class Relay:
                 conn.terminate()  # ends the session, so its locks are free for the others at once
 
     async def _serve(self, conn: asyncpg.Connection, backoff: Backoff) -> None:
-        while not await conn.fetchval(JOIN, RELAY_LOCK_KEY):  # a single-leader relay still runs
-            if await sleep_unless(self._stopping, STANDBY_RETRY_SECONDS):
-                return
-        log.info("relay joined the relays")
         wake = asyncio.Event()
         await conn.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
         broker_backoff = self._backoff()
+        joined = False
         last_cleanup = 0.0
         rebalance_at = 0.0
         while not self._stopping.is_set():
             wake.clear()
+            generation = self._broker.generation
+            if not self._broker.connected:
+                if joined:  # its partitions go to relays that can publish them
+                    await self._leave(conn)
+                    joined = False
+                await self._pause_for_broker(broker_backoff, generation, "RabbitMQ not connected")
+                continue
+            if not joined:
+                if not await conn.fetchval(JOIN, RELAY_LOCK_KEY):  # a single-leader relay runs
+                    await sleep_unless(self._stopping, STANDBY_RETRY_SECONDS)
+                    continue
+                log.info("relay joined the relays")
+                joined, rebalance_at = True, 0.0
             if time.monotonic() >= rebalance_at:
                 await self.rebalance(conn)
                 rebalance_at = time.monotonic() + REBALANCE_INTERVAL_SECONDS
-            generation = self._broker.generation
-            more = False
-            if not self._broker.connected:
-                await self._pause_for_broker(broker_backoff, generation, "RabbitMQ not connected")
-                continue
             try:
                 more = await self._drain(conn, rebalance_at)
             except BROKER_UNAVAILABLE as error:
@@ -209,6 +215,15 @@ class Relay:
                 await self._wait(
                     wake, min(self._settings.relay_poll_interval_seconds, until_rebalance)
                 )
+
+    async def _leave(self, conn: asyncpg.Connection) -> None:
+        """Stop being counted and release every partition (nothing is in flight here)."""
+        for partition in self.partitions:
+            await conn.fetchval(RELEASE_PARTITION, PARTITION_LOCK_CLASS, partition)
+        await conn.fetchval(LEAVE, RELAY_LOCK_KEY)
+        if self.partitions:
+            log.info("relay released its partitions %s", list(self.partitions))
+        self.partitions = ()
 
     async def rebalance(self, conn: asyncpg.Connection) -> None:
         """Keep a fair share of the partitions: ceil(P / live relays).
