@@ -6,9 +6,10 @@ it holds a PostgreSQL advisory lock for, on its own connection: at most one rela
 partition. Each relay also holds a shared "member" lock, so the live relays can be counted from
 pg_locks; every second each keeps a fair share, ceil(P / relays), releasing extras between
 batches and taking free partitions. A relay that dies ends its session, which frees its locks
-for the others. The relay is woken by NOTIFY after each commit, polls as a fallback, publishes
-a batch with publisher confirms, and marks rows published only once the broker has confirmed
-them: a crash in between publishes them again (same message_id), never loses them.
+for the others; one that loses RabbitMQ leaves until it is back. A relay is woken by NOTIFY
+after each commit, polls as a fallback, publishes a batch with publisher confirms, and marks
+rows published only once the broker has confirmed them: a crash in between publishes them
+again (same message_id), never loses them.
 """
 
 import asyncio
