@@ -20,7 +20,7 @@ from schemas.event import EventSchema
 from service.api.app import create_app
 from service.backoff import Backoff
 from service.events.broker import Broker
-from service.events.relay import SELECT_PENDING, Relay
+from service.events.relay import SELECT_PENDING, SELECT_PENDING_OF, Relay
 from service.events.tail import tail
 from tests.events_support import amqp_url, pending_is, running_relay, wait_until
 from tests.proxy import TcpProxy, free_port, via_port
@@ -415,13 +415,25 @@ async def test_the_next_batch_starts_at_the_oldest_pending_row_not_after_the_las
         """
     )
     await db.execute("UPDATE outbox SET published_at = now() WHERE id = 4")
-    every = list(range(16))
-    rows = await db.fetch(SELECT_PENDING, 10, [2, 3], every)
+    rows = await db.fetch(SELECT_PENDING, 10, [2, 3])
     assert [row["id"] for row in rows] == [1, 5, 6]
-    rows = await db.fetch(SELECT_PENDING, 2, [], every)
+    rows = await db.fetch(SELECT_PENDING, 2, [])
     assert [row["id"] for row in rows] == [1, 2]
-    # Only the relay's own partitions.
-    mine = [rows[0]["partition"]]
-    rows = await db.fetch(SELECT_PENDING, 10, [], mine)
-    assert rows
-    assert {row["partition"] for row in rows} == set(mine)
+    # The same holds for a relay with some of the partitions: here, those of rows 1, 2 and 5.
+    held = list(
+        {
+            row["partition"]
+            for row in await db.fetch("SELECT partition FROM outbox WHERE id IN (1, 2, 5)")
+        }
+    )
+    expected = [
+        r["id"]
+        for r in await db.fetch(
+            "SELECT id FROM outbox WHERE published_at IS NULL AND partition = ANY($1)"
+            " AND id NOT IN (2) ORDER BY id",
+            held,
+        )
+    ]
+    rows = await db.fetch(SELECT_PENDING_OF, 10, [2], held)
+    assert [row["id"] for row in rows] == expected
+    assert expected[0] == 1

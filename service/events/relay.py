@@ -42,24 +42,50 @@ REBALANCE_INTERVAL_SECONDS = 1.0
 PUBLISH_CONFIRM_TIMEOUT_SECONDS = 10.0
 CLEANUP_INTERVAL_SECONDS = 60.0
 CLEANUP_BATCH = 1000
-# The relay's database session: named in pg_stat_activity, and ended by the server within
-# about 10 s of the relay's host going silent, so that its partitions are freed for the others.
+# The relay's database session: named in pg_stat_activity, ended by the server within about
+# 10 s of the relay's host going silent (so that its partitions are freed for the others), and
+# costing random reads as the cached reads they are: else the planner prefers filtering the
+# id-ordered scan of every pending row to an index range of each of the relay's partitions.
 SESSION_SETTINGS = {
     "application_name": "conversations-relay",
+    "random_page_cost": "1.1",
     "tcp_keepalives_idle": "5",
     "tcp_keepalives_interval": "2",
     "tcp_keepalives_count": "3",
 }
 
 # Always from the oldest pending row, skipping only the batch in flight: a row that commits late
-# with a lower id is still published before any later event of its conversation.
+# with a lower id is still published before any later event of its conversation. A relay that
+# holds every partition reads them all in id order.
 SELECT_PENDING = """
 SELECT id, event_id, event_type, account_id, conversation_id, partition, payload, traceparent,
        created_at
 FROM outbox
-WHERE published_at IS NULL AND NOT (id = ANY($2::bigint[])) AND partition = ANY($3::int[])
+WHERE published_at IS NULL AND NOT (id = ANY($2::bigint[]))
 ORDER BY id
 LIMIT $1
+"""
+# A relay holding some partitions reads the oldest pending rows of each (an index range per
+# partition, whatever the others' backlog), then the oldest of those: each partition's rows
+# in order, which is the only order that matters.
+SELECT_PENDING_OF = """
+SELECT id, event_id, event_type, account_id, conversation_id, partition, payload, traceparent,
+       created_at
+FROM outbox
+WHERE id IN (
+    SELECT oldest.id
+    FROM unnest($3::int[]) AS held(partition)
+    CROSS JOIN LATERAL (
+        SELECT id FROM outbox
+        WHERE published_at IS NULL AND partition = held.partition
+          AND NOT (id = ANY($2::bigint[]))
+        ORDER BY partition, id  -- the index's order: a range of it, not a filtered id scan
+        LIMIT $1
+    ) AS oldest
+    ORDER BY oldest.id
+    LIMIT $1
+)
+ORDER BY id
 """
 MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])"
 DELETE_PUBLISHED = """
@@ -144,6 +170,7 @@ class Relay:
         # Where this relay starts looking for free partitions: relays starting together spread.
         self._offset = random.randrange(1024)  # noqa: S311  # spreading, not cryptography
         self.partitions: tuple[int, ...] = ()
+        self._partition_count = 0  # P, as of the last rebalance
         self.published = 0
 
     @property
@@ -249,6 +276,7 @@ class Relay:
                 "relay holds partitions %s (%d relays, %d partitions)", sorted(keep), relays, count
             )
         self.partitions = tuple(sorted(keep))
+        self._partition_count = count
 
     async def _drain(self, conn: asyncpg.Connection, until: float) -> bool:
         """Publish batches of this relay's partitions until none is pending, or `until` (the
@@ -263,7 +291,11 @@ class Relay:
             return False
         batch_size = self._settings.relay_batch_size
         partitions = list(self.partitions)
-        rows = await conn.fetch(SELECT_PENDING, batch_size, [], partitions)
+        if len(partitions) == self._partition_count:
+            select, held = SELECT_PENDING, []
+        else:
+            select, held = SELECT_PENDING_OF, [partitions]
+        rows = await conn.fetch(select, batch_size, [], *held)
         unmarked: list[int] = []
         more = False
         while rows:
@@ -275,11 +307,7 @@ class Relay:
                 more = len(rows) == batch_size
                 go_on = more and not self._stopping.is_set() and time.monotonic() < until
                 in_flight = [row["id"] for row in rows]
-                next_rows = (
-                    await conn.fetch(SELECT_PENDING, batch_size, in_flight, partitions)
-                    if go_on
-                    else []
-                )
+                next_rows = await conn.fetch(select, batch_size, in_flight, *held) if go_on else []
             except BaseException:
                 await asyncio.gather(publishing, return_exceptions=True)  # let it settle
                 raise

@@ -21,6 +21,10 @@ ALTER TABLE outbox ADD COLUMN partition integer NOT NULL DEFAULT 0;
 ALTER TABLE outbox ALTER COLUMN partition DROP DEFAULT;
 UPDATE outbox SET partition = outbox_partition(conversation_id, 16) WHERE published_at IS NULL;
 
+-- What a relay holding some of the partitions scans: each partition's pending rows in order.
+-- (A relay holding all of them scans outbox_pending_idx, as before partitions.)
+CREATE INDEX outbox_pending_partition_idx ON outbox (partition, id) WHERE published_at IS NULL;
+
 -- Set on every insert, whatever the statement says: the write statements need not know P.
 CREATE FUNCTION outbox_assign_partition() RETURNS trigger
 LANGUAGE plpgsql AS $$
