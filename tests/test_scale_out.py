@@ -26,6 +26,7 @@ from service.events.relay import (
     STANDBY_RETRY_SECONDS,
     Relay,
 )
+from tests.bench.relay import PARTITION_HOLDERS
 from tests.events_support import (
     RecordingBroker,
     Subscriber,
@@ -50,13 +51,6 @@ INSERT_ONE = """
 INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload)
 VALUES ($1, 'conversation.updated', 'acct_scale', $2, $3::bigint,
         json_build_object('sequence', $3::bigint))
-"""
-# Partition locks held, per database session (a relay's session is its pid here).
-HOLDERS = """
-SELECT pid, count(*) AS partitions FROM pg_locks
-WHERE locktype = 'advisory' AND granted AND classid = $1::bigint::oid AND objsubid = 2
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-GROUP BY pid
 """
 
 
@@ -146,7 +140,7 @@ def publishers(log: list) -> dict[int, set[str]]:
 
 async def holders(db: asyncpg.Connection) -> list[int]:
     """How many partitions each relay session holds, smallest first."""
-    return sorted(r["partitions"] for r in await db.fetch(HOLDERS, PARTITION_LOCK_CLASS))
+    return sorted(r["partitions"] for r in await db.fetch(PARTITION_HOLDERS, PARTITION_LOCK_CLASS))
 
 
 async def _true(value: bool) -> bool:

@@ -241,7 +241,7 @@ async def backlog_sampler(database_url: str, interval: float = 1.0) -> AsyncIter
 
 
 # How many partitions each relay's session holds (scenario 6 waits for fair shares first).
-HOLDERS = """
+PARTITION_HOLDERS = """
 SELECT count(*) AS partitions FROM pg_locks
 WHERE locktype = 'advisory' AND granted AND classid = $1::bigint::oid AND objsubid = 2
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
@@ -321,7 +321,7 @@ async def _settled(conn: asyncpg.Connection, relays: int) -> None:
     share = -(-count // relays)
     deadline = time.perf_counter() + SETTLE_TIMEOUT_SECONDS
     while True:
-        held = [r["partitions"] for r in await conn.fetch(HOLDERS, PARTITION_LOCK_CLASS)]
+        held = [r["partitions"] for r in await conn.fetch(PARTITION_HOLDERS, PARTITION_LOCK_CLASS)]
         if len(held) == relays and sum(held) == count and max(held) <= share:
             return
         if time.perf_counter() > deadline:

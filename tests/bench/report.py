@@ -197,8 +197,8 @@ whatever else runs on it; the ratios are what the targets are about.
 ## How to run
 
 ```sh
-make bench                               # the full run (about 8 minutes here); rewrites this file
-BENCH_QUICK=1 make bench                 # a short run (about 2 minutes): less data, 5 s runs
+make bench                               # the full run (about 12 minutes here); rewrites this file
+BENCH_QUICK=1 make bench                 # a short run (about 3 minutes): less data, 5 s runs
 BENCH_QUICK=1 BENCH_PROFILE=1 make bench # the short run with the profile (the full run has it)
 ```
 
