@@ -29,6 +29,10 @@ from service.settings import EventSettings
 
 log = logging.getLogger(__name__)
 
+# What ends the relay's database session; it reconnects with backoff. asyncpg's protocol raises
+# InternalClientError when the server ends the session in the middle of a query.
+SESSION_LOST = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InternalClientError)
+
 APP_ID = "conversations"
 # Held shared by every relay ("convrela"): the live relays are its holders. Relays of the
 # single-leader version took it exclusively, so old and new never publish at the same time.
@@ -189,13 +193,16 @@ class Relay:
         while not self._stopping.is_set():
             try:
                 conn = await asyncpg.connect(self._database_url, server_settings=SESSION_SETTINGS)
-            except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as error:
+            except SESSION_LOST as error:
                 await self._pause(backoff.next_delay(), "PostgreSQL unreachable", error)
                 continue
             try:
                 await self._serve(conn, backoff)
-            except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as error:
+            except SESSION_LOST as error:
                 await self._pause(backoff.next_delay(), "PostgreSQL connection lost", error)
+            except Exception as error:  # a bug must not end publishing for this process's life
+                log.error("relay failed (%s); starting over", type(error).__name__)
+                await self._pause(backoff.next_delay(), "relay failed", error)
             finally:
                 if self.partitions:
                     log.info("relay released its partitions %s", list(self.partitions))
