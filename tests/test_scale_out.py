@@ -199,7 +199,7 @@ async def test_a_relay_that_joins_mid_drain_gets_its_share_and_one_that_leaves_h
     settings = _batch(event_settings, 50)  # many batches: the join lands mid-drain
     log: list = []
     exchange = settings.events.exchange
-    expected = set(await fill(db, conversations=400, events_each=30))
+    expected = set(await fill(db, conversations=300, events_each=20))
     async with running_relay(settings, RecordingBroker(amqp_url(), exchange, log, "a")) as (a, _):
         first = []
         while len(first) < 1000:
@@ -366,9 +366,9 @@ async def test_a_relay_killed_mid_drain_is_taken_over_within_seconds(
     doomed, survivor = processes
     try:
         await wait_until(lambda: _holders_are(db, [8, 8]), timeout=30)
-        expected = set(await fill(db, conversations=500, events_each=20))
+        expected = set(await fill(db, conversations=400, events_each=15))
         first = []
-        while len(first) < 2000:
+        while len(first) < 1500:
             first.append(await asyncio.wait_for(subscriber.messages.get(), 30))
         doomed.send_signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -400,7 +400,7 @@ async def test_a_relay_that_loses_its_database_session_hands_over_its_partitions
 ):
     settings = _batch(event_settings, 50)
     log: list = []
-    expected = set(await fill(db, conversations=300, events_each=20))
+    expected = set(await fill(db, conversations=200, events_each=20))
     async with relays(settings, log, "ab") as (a, b):
         first = []
         while len(first) < 1000:
