@@ -265,9 +265,11 @@ async def test_a_relay_cut_off_from_the_broker_hands_its_partitions_to_the_other
 async def test_with_one_partition_one_relay_publishes_everything_in_order(
     event_settings, subscriber, db
 ):
-    await db.execute("SELECT outbox_set_partitions(1)")
     log: list = []
     async with relays(event_settings, log, "ab") as (a, b):
+        await wait_until(lambda: _true(len(a.partitions) == len(b.partitions) == 8))
+        # P changes under running relays (nothing pending): they follow without a restart.
+        await db.execute("SELECT outbox_set_partitions(1)")
         await wait_until(lambda: _true(sorted([a.partitions, b.partitions]) == [(), (0,)]))
         expected = await burst(event_settings.database_url, conversations=50, events_each=10)
         messages = await receive_all(subscriber, expected)
