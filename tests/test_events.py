@@ -253,6 +253,7 @@ async def test_the_relay_resumes_once_the_broker_is_back_not_after_its_backoff(
         async with running_relay(event_settings, broker, backoff=_LongBackoff):
             await create(client, headers, contact_id="before")
             await subscriber.receive(1)
+            await wait_until(lambda: pending_is(db, 0))  # confirmed: it is not published again
 
             await proxy.cut()
             await create(client, headers, contact_id="during")  # wakes the relay: it fails
