@@ -50,6 +50,17 @@ class EventHeadersSchema(Schema):
 
     account_id = fields.String(required=True)
     conversation_id = conversation_id(required=True)
+    partition = fields.Integer(
+        required=True,
+        strict=True,
+        validate=validate.Range(min=0),
+        metadata={
+            "description": "The outbox partition the event was published from: a hash of the "
+            "conversation id modulo the partition count, so the same for all of one "
+            "conversation's events while that count is unchanged. For diagnosis; to spread "
+            "events over consumers, hash `conversation_id` (docs/events.md)."
+        },
+    )
     traceparent = fields.String(
         validate=FullMatch(TRACEPARENT_PATTERN),
         metadata={

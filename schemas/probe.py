@@ -23,6 +23,15 @@ class ReadinessChecksSchema(Schema):
     migrations = fields.String(required=True, validate=validate.Equal("ok"))
     broker = fields.String(required=True, validate=validate.OneOf(["connected", "disconnected"]))
     relay = fields.String(required=True, validate=validate.OneOf(["active", "standby", "disabled"]))
+    relay_partitions = fields.List(
+        fields.Integer(validate=validate.Range(min=0)),
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "The outbox partitions this process's relay publishes now (null "
+            "when it runs no relay; empty while it stands by)."
+        },
+    )
     outbox = fields.Nested(OutboxBacklogSchema, required=True)
     rate_limits = fields.String(
         required=True,

@@ -24,6 +24,16 @@ class Backoff:
         self._attempt = 0
 
 
+async def first_set(*events: asyncio.Event, within: float | None = None) -> None:
+    """Until any of `events` is set (or `within` seconds pass)."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 async def sleep_unless(stopping: asyncio.Event, seconds: float) -> bool:
     """Sleep `seconds`, or less if `stopping` is set meanwhile; True if it was."""
     try:

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         run=_migrate
     )
     commands.add_parser(
-        "relay", help="publish the outbox's events to RabbitMQ (one active across replicas)"
+        "relay", help="publish the outbox's events to RabbitMQ (replicas share the partitions)"
     ).set_defaults(run=_relay)
     events = commands.add_parser("events", help="look at the published events")
     events_commands = events.add_subparsers(dest="events_command", required=True)

@@ -51,9 +51,31 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=r,
         )
+        self.outbox_partition_pending = Gauge(
+            "conversations_outbox_partition_pending_events",
+            "Events committed but not yet confirmed by RabbitMQ, by outbox partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.outbox_partition_oldest_age = Gauge(
+            "conversations_outbox_partition_oldest_pending_age_seconds",
+            "Age of the partition's oldest event not yet confirmed (0 when none), by partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.outbox_partitions = Gauge(
+            "conversations_outbox_partitions",
+            "P: the number of outbox partitions the relays share.",
+            registry=r,
+        )
         self.relay_leader = Gauge(
             "conversations_relay_leader",
-            "1 while this process's relay is the active one, else 0.",
+            "1 while this process's relay holds at least one outbox partition, else 0.",
+            registry=r,
+        )
+        self.relay_partitions = Gauge(
+            "conversations_relay_partitions_owned",
+            "Outbox partitions this process's relay holds now.",
             registry=r,
         )
         self.broker_connected = Gauge(

@@ -1,12 +1,19 @@
-"""Helpers for tests that need RabbitMQ: its URL and a subscriber that collects messages."""
+"""Helpers for tests that need RabbitMQ: its URL, a subscriber that collects messages, and
+relays run in the test's own event loop."""
 
 import asyncio
+import contextlib
 import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
+import asyncpg
 import pytest
 
-from service.events.broker import declare_topology
+from service.events.broker import Broker, declare_topology
+from service.events.relay import Relay
+from service.settings import Settings
 
 
 def amqp_url() -> str:
@@ -46,3 +53,48 @@ class Subscriber:
     async def nothing_more(self, wait: float = 0.5) -> None:
         await asyncio.sleep(wait)
         assert self.messages.empty(), "an unexpected extra message arrived"
+
+
+class RecordingBroker(Broker):
+    """A broker that notes each publish: (relay name, partition, start, end, message id)."""
+
+    def __init__(self, url: str, exchange: str, log: list, name: str) -> None:
+        super().__init__(url, exchange)
+        self._log = log
+        self._name = name
+
+    async def publish(self, message, routing_key, confirm_timeout) -> None:
+        start = time.monotonic()
+        await super().publish(message, routing_key, confirm_timeout)
+        partition = message.headers["partition"]
+        self._log.append((self._name, partition, start, time.monotonic(), message.message_id))
+
+
+@contextlib.asynccontextmanager
+async def running_relay(
+    settings: Settings, broker: Broker, **options
+) -> AsyncIterator[tuple[Relay, asyncio.Task]]:
+    """A relay publishing through `broker`, stopped (after its batch) at the end of the block."""
+    stopping = asyncio.Event()
+    await broker.connect(stopping)
+    relay = Relay(settings.database_url, broker, settings.events, **options)
+    task = asyncio.create_task(relay.run())
+    try:
+        yield relay, task
+    finally:
+        relay.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+        await broker.close()
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not await condition():
+            await asyncio.sleep(0.05)
+
+
+async def pending_is(db: asyncpg.Connection, count: int) -> bool:
+    """Whether the outbox has exactly `count` events not yet published."""
+    return await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == count

@@ -4,27 +4,25 @@ import asyncio
 import contextlib
 import dataclasses
 import io
-import itertools
 import os
 import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import aio_pika
-import asyncpg
 import orjson
 import pytest
 
 from schemas import ReadinessSchema
 from schemas.event import EventSchema
 from service.api.app import create_app
+from service.backoff import Backoff
 from service.events.broker import Broker
-from service.events.relay import SELECT_PENDING, Relay
+from service.events.relay import SELECT_PENDING, SELECT_PENDING_OF, Relay
 from service.events.tail import tail
-from tests.events_support import amqp_url
+from tests.events_support import amqp_url, pending_is, running_relay, wait_until
 from tests.proxy import TcpProxy, free_port, via_port
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -197,6 +195,8 @@ async def test_writes_succeed_while_the_broker_is_down_and_every_event_arrives_a
         first = await create(client, headers, contact_id="before")
         [message] = await subscriber.receive(1)
         ids = [message.message_id]
+        # Confirmed and marked: a cut before its confirm reached the relay would republish it.
+        await wait_until(lambda: pending_is(db, 0))
 
         await proxy.cut()
         during = [await create(client, headers, contact_id=f"during{n}") for n in range(10)]
@@ -228,38 +228,54 @@ async def test_writes_succeed_while_the_broker_is_down_and_every_event_arrives_a
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
 
 
-# --- relays: crash between publish and mark, and only one active ------------------------------
+class _LongBackoff(Backoff):
+    """Every retry waits two minutes: longer than the test may take."""
+
+    def next_delay(self) -> float:
+        return LONG_BACKOFF_SECONDS
 
 
-class _Recording(Broker):
-    """A broker that notes when each publish starts and ends, for overlap checks."""
-
-    def __init__(self, url: str, exchange: str, log: list, name: str) -> None:
-        super().__init__(url, exchange)
-        self._log = log
-        self._name = name
-
-    async def publish(self, message, routing_key, confirm_timeout) -> None:
-        start = time.monotonic()
-        await super().publish(message, routing_key, confirm_timeout)
-        self._log.append((self._name, start, time.monotonic(), message.message_id))
+LONG_BACKOFF_SECONDS = 120.0
 
 
-@contextlib.asynccontextmanager
-async def running_relay(
-    event_settings, broker: Broker
-) -> AsyncIterator[tuple[Relay, asyncio.Task]]:
-    stopping = asyncio.Event()
-    await broker.connect(stopping)
-    relay = Relay(event_settings.database_url, broker, event_settings.events)
-    task = asyncio.create_task(relay.run())
+async def test_the_relay_resumes_once_the_broker_is_back_not_after_its_backoff(
+    event_settings, aiohttp_client, headers, subscriber, db, caplog
+):
+    # The relay once slept out its backoff ("retrying in 26.5s") after RabbitMQ was back.
+    parts = urlsplit(amqp_url())
+    proxy = TcpProxy(parts.hostname, parts.port)
+    await proxy.start()
+    quiet = dataclasses.replace(event_settings.events, relay_enabled=False)
+    client = await aiohttp_client(create_app(dataclasses.replace(event_settings, events=quiet)))
+    via_proxy = via_port(amqp_url(), proxy.port)
+    broker = Broker(via_proxy, event_settings.events.exchange)
     try:
-        yield relay, task
+        async with running_relay(event_settings, broker, backoff=_LongBackoff):
+            await create(client, headers, contact_id="before")
+            await subscriber.receive(1)
+            await wait_until(lambda: pending_is(db, 0))  # confirmed: it is not published again
+
+            await proxy.cut()
+            await create(client, headers, contact_id="during")  # wakes the relay: it fails
+            await wait_until(
+                lambda: _true(f"retrying in {LONG_BACKOFF_SECONDS:.1f}s" in caplog.text)
+            )
+            await proxy.start()
+            # Well before the backoff would end: resumed by the reconnect, not by the clock.
+            [message] = await subscriber.receive(1, timeout=LONG_BACKOFF_SECONDS / 4)
+            await wait_until(lambda: pending_is(db, 0))
     finally:
-        relay.stop()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, 15)
-        await broker.close()
+        if proxy.running:
+            await proxy.cut()
+    assert body(message)["data"]["object"]["contact_id"] == "during"
+    assert broker.generation >= 1  # it was the robust connection's reconnect
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+# --- relays: crash between publish and mark, and only one active ------------------------------
 
 
 async def write_events(settings, aiohttp_client, headers, count: int) -> None:
@@ -268,12 +284,6 @@ async def write_events(settings, aiohttp_client, headers, count: int) -> None:
     client = await aiohttp_client(create_app(dataclasses.replace(settings, events=quiet)))
     for n in range(count):
         await create(client, headers, contact_id=f"c{n}-{uuid.uuid4().hex[:6]}")
-
-
-async def wait_until(condition, timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not await condition():
-            await asyncio.sleep(0.05)
 
 
 async def test_a_relay_killed_before_marking_causes_a_duplicate_never_a_loss(
@@ -301,49 +311,9 @@ async def test_a_relay_killed_before_marking_causes_a_duplicate_never_a_loss(
 
     async with running_relay(event_settings, Broker(amqp_url(), exchange)):
         again = await subscriber.receive(3)
-        await wait_until(lambda: _pending_is(db, 0))
+        await wait_until(lambda: pending_is(db, 0))
     assert [m.message_id for m in again] == [m.message_id for m in first]
     assert [m.body for m in again] == [m.body for m in first]
-
-
-async def _pending_is(db: asyncpg.Connection, count: int) -> bool:
-    return await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == count
-
-
-async def test_two_relays_never_publish_at_once_and_a_standby_takes_over(
-    event_settings, aiohttp_client, headers, subscriber, db
-):
-    exchange = event_settings.events.exchange
-    log: list = []
-    async with (
-        running_relay(event_settings, _Recording(amqp_url(), exchange, log, "a")) as (a, _),
-        running_relay(event_settings, _Recording(amqp_url(), exchange, log, "b")) as (b, _),
-    ):
-        await wait_until(lambda: _true(a.is_leader or b.is_leader))
-        await write_events(event_settings, aiohttp_client, headers, 40)
-        await subscriber.receive(40)
-        await wait_until(lambda: _pending_is(db, 0))
-        assert a.is_leader != b.is_leader
-        leader, standby = (a, b) if a.is_leader else (b, a)
-        leader_name = "a" if leader is a else "b"
-        assert {name for name, *_ in log} == {leader_name}
-        assert standby.published == 0
-
-        # The active relay stops; the standby takes over and publishes what comes next.
-        leader.stop()
-        await wait_until(lambda: _true(standby.is_leader))
-        await write_events(event_settings, aiohttp_client, headers, 10)
-        await subscriber.receive(10)
-        await wait_until(lambda: _pending_is(db, 0))
-        assert standby.published == 10
-    spans = sorted((start, end, name) for name, start, end, _ in log)
-    for (_, end, name), (start, _, next_name) in itertools.pairwise(spans):
-        assert name == next_name or end <= start, "two relays published at the same time"
-    assert await _pending_is(db, 0)
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_published_rows_past_retention_are_removed_in_batches(event_settings, db):
@@ -426,12 +396,15 @@ async def test_the_relay_command_publishes_and_stops_cleanly_on_sigterm(
         )
     try:
         await subscriber.receive(5, timeout=30)
-        await wait_until(lambda: _pending_is(db, 0))
+        await wait_until(lambda: pending_is(db, 0))
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 30)
     assert process.returncode == 0, log.read_text()[-2000:]
-    assert "relay is the active one" in log.read_text()
+    # Alone, it holds every partition.
+    assert "relay holds partitions [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]" in (
+        log.read_text()
+    )
 
 
 async def test_the_next_batch_starts_at_the_oldest_pending_row_not_after_the_last_one(db):
@@ -449,3 +422,21 @@ async def test_the_next_batch_starts_at_the_oldest_pending_row_not_after_the_las
     assert [row["id"] for row in rows] == [1, 5, 6]
     rows = await db.fetch(SELECT_PENDING, 2, [])
     assert [row["id"] for row in rows] == [1, 2]
+    # The same holds for a relay with some of the partitions: here, those of rows 1, 2 and 5.
+    held = list(
+        {
+            row["partition"]
+            for row in await db.fetch("SELECT partition FROM outbox WHERE id IN (1, 2, 5)")
+        }
+    )
+    expected = [
+        r["id"]
+        for r in await db.fetch(
+            "SELECT id FROM outbox WHERE published_at IS NULL AND partition = ANY($1)"
+            " AND id NOT IN (2) ORDER BY id",
+            held,
+        )
+    ]
+    rows = await db.fetch(SELECT_PENDING_OF, 10, [2], held)
+    assert [row["id"] for row in rows] == expected
+    assert expected[0] == 1

@@ -238,10 +238,13 @@ def test_the_api_deployment_serves_without_the_relay(overlay, objects):
     assert _port_number(container, "http") == int(env["PORT"])
 
 
-def test_the_relay_deployment_has_two_replicas_one_standing_by(objects):
+def test_the_relay_deployment_runs_several_replicas_sharing_the_partitions(objects):
     relay = _component(objects, "Deployment", "relay")
     container = _container(relay)
-    assert relay["spec"]["replicas"] == 2
+    # Several, and never more than the outbox's 16 partitions (the extra ones would stand by).
+    assert 3 <= relay["spec"]["replicas"] <= 16
+    # A rollout never stops a relay before its replacement runs.
+    assert relay["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert container["args"] == ["relay"]
     assert _port_number(container, "http") == int(_env(objects, container)["RELAY_HTTP_PORT"])
 

@@ -134,6 +134,7 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "conversation_tombstones_removed",
         "idempotency_keys",
         "outbox",
+        "outbox_settings",
         "schema_migrations",
     }
 
@@ -184,6 +185,11 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "traceparent": ("text", "YES"),
         "created_at": ("timestamp with time zone", "NO"),
         "published_at": ("timestamp with time zone", "YES"),
+        "partition": ("integer", "NO"),
+    }
+    assert shape("outbox_settings") == {
+        "singleton": ("boolean", "NO"),
+        "partitions": ("integer", "NO"),
     }
     assert shape("idempotency_keys") == {
         "account_id": ("text", "NO"),
@@ -287,6 +293,27 @@ async def test_the_schema_is_what_the_service_expects(conn):
 
 INSERT = """insert into conversations (account_id, id, contact_id, group_id, created_at)
             values ($1, $2, $3, $4, 0)"""
+
+
+async def test_the_partitions_migration_gives_pending_events_their_partition(conn):
+    before = tuple(m for m in load_migrations() if m.version < "0006")
+    await migrate(conn, migrations=before)
+    await conn.execute(
+        """INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence,
+                               payload, published_at)
+           SELECT 'evt_' || n, 'conversation.updated', 'a', 'conv' || n, 1, '{}',
+                  CASE WHEN n > 10 THEN now() END
+           FROM generate_series(1, 20) AS n"""
+    )
+    await migrate(conn)
+    rows = await conn.fetch(
+        "SELECT partition, outbox_partition(conversation_id, 16) AS hashed, published_at"
+        " FROM outbox"
+    )
+    pending = [r for r in rows if r["published_at"] is None]
+    assert [r["partition"] for r in pending] == [r["hashed"] for r in pending]
+    assert len({r["partition"] for r in pending}) > 1
+    assert {r["partition"] for r in rows if r["published_at"] is not None} == {0}
 
 
 async def test_the_schema_enforces_order_and_uniqueness(conn):

@@ -18,7 +18,12 @@ from service.api.app import create_app
 from service.api.auth import mint_token
 from service.api.keys import DEPENDENCY_LOG
 from service.events.broker import Broker
-from service.events.relay import Relay
+from service.events.relay import (
+    PARTITION_LOCK_CLASS,
+    REBALANCE_INTERVAL_SECONDS,
+    RELAY_LOCK_KEY,
+    Relay,
+)
 from service.logs import (
     REQUEST_ID_VAR,
     AccessLogger,
@@ -94,9 +99,54 @@ async def test_relay_metrics_count_events_and_report_the_backlog(
         ("conversation.created", "confirmed"): 3
     }
     assert samples(text, "conversations_relay_leader")[0].value == 1
+    assert samples(text, "conversations_relay_partitions_owned")[0].value == 16  # alone: all
+    assert samples(text, "conversations_outbox_partitions")[0].value == 16
+    per_partition = samples(text, "conversations_outbox_partition_pending_events")
+    assert {int(s.labels["partition"]): s.value for s in per_partition} == dict.fromkeys(
+        range(16), 0
+    )
     assert samples(text, "conversations_broker_connected")[0].value == 1
     assert samples(text, "conversations_outbox_oldest_pending_age_seconds")[0].value == 0
     assert samples(text, "conversations_event_publish_confirm_seconds_count")[0].value >= 1
+
+
+async def test_readyz_and_metrics_say_which_partitions_wait_and_which_the_relay_holds(
+    event_settings, aiohttp_client, db
+):
+    # Another "relay" (this connection) holds every partition: the app's relay gets none.
+    await db.execute("SELECT pg_advisory_lock_shared($1)", RELAY_LOCK_KEY)
+    for partition in range(16):
+        await db.execute("SELECT pg_advisory_lock($1, $2)", PARTITION_LOCK_CLASS, partition)
+    await db.execute(
+        """
+        INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload)
+        SELECT 'evt_' || n, 'conversation.updated', 'a', 'conv' || (n % 5), n, '{}'
+        FROM generate_series(1, 20) AS n
+        """
+    )
+    waiting = dict(await db.fetch("SELECT partition, count(*) FROM outbox GROUP BY partition"))
+    client = await aiohttp_client(create_app(event_settings, role="relay"))
+    async with asyncio.timeout(20):
+        while (await (await client.get("/readyz")).json())["checks"]["broker"] != "connected":
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(REBALANCE_INTERVAL_SECONDS * 2)  # it has looked for partitions, found none
+    checks = (await (await client.get("/readyz")).json())["checks"]
+    assert (checks["relay"], checks["relay_partitions"]) == ("standby", [])
+    text = await (await client.get("/metrics")).text()
+    assert samples(text, "conversations_relay_partitions_owned")[0].value == 0
+    pending = samples(text, "conversations_outbox_partition_pending_events")
+    assert {int(s.labels["partition"]): s.value for s in pending if s.value} == waiting
+    ages = samples(text, "conversations_outbox_partition_oldest_pending_age_seconds")
+    assert {int(s.labels["partition"]) for s in ages if s.value > 0} <= set(waiting)
+    assert samples(text, "conversations_outbox_pending_events")[0].value == 20
+
+    await db.execute("SELECT pg_advisory_unlock_all()")  # the other relay is gone
+    async with asyncio.timeout(20):
+        while (checks := (await (await client.get("/readyz")).json())["checks"])["outbox"][
+            "pending"
+        ]:
+            await asyncio.sleep(0.05)
+    assert (checks["relay"], checks["relay_partitions"]) == ("active", list(range(16)))
 
 
 async def test_the_relay_role_serves_only_probes_and_metrics(

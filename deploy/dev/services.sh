@@ -393,8 +393,9 @@ listeners.tcp.1 = 127.0.0.1:$AMQP_PORT
 default_user = $APP_USER
 default_pass = $APP_PASSWORD
 EOF
-    # No plugins at all (no management UI): the fastest start.
-    echo '[].' >"$RABBIT_DIR/enabled_plugins"
+    # One plugin (no management UI, for the fastest start): the consistent-hash
+    # exchange that docs/events.md's ordered scale-out subscriber binds to ours.
+    echo '[rabbitmq_consistent_hash_exchange].' >"$RABBIT_DIR/enabled_plugins"
     # Our cookie exists before the first start, so that the server and a
     # rabbitmqctl racing it cannot each create a different one.
     if [[ ! -f $RABBIT_DIR/.erlang.cookie ]]; then

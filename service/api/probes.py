@@ -18,6 +18,7 @@ from service.api.keys import (
     SETTINGS,
 )
 from service.errors import DATABASE_UNAVAILABLE, ApiError
+from service.metrics import Metrics
 from service.migrations import pending_migrations
 
 # A readiness probe must answer before the kubelet's own timeout, even with the database hung.
@@ -36,6 +37,21 @@ OUTBOX_BACKLOG = """
 SELECT count(*) AS pending,
        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age
 FROM outbox WHERE published_at IS NULL
+"""
+
+# The same per partition, every partition listed (0 when it has nothing pending).
+PARTITION_BACKLOG = """
+WITH pending AS (
+    SELECT partition, count(*) AS pending, min(created_at) AS oldest
+    FROM outbox WHERE published_at IS NULL
+    GROUP BY partition
+)
+SELECT p AS partition, coalesce(pending.pending, 0) AS pending,
+       coalesce(extract(epoch FROM now() - pending.oldest), 0)::float8 AS oldest_age
+FROM outbox_settings AS s
+CROSS JOIN generate_series(0, s.partitions - 1) AS p
+LEFT JOIN pending ON pending.partition = p
+ORDER BY p
 """
 
 
@@ -78,7 +94,8 @@ async def readyz(request: web.Request) -> web.Response:
                 "broker": "connected" if events.broker.connected else "disconnected",
                 "relay": "disabled"
                 if relay is None
-                else ("active" if relay.is_leader else "standby"),
+                else ("active" if relay.is_active else "standby"),
+                "relay_partitions": None if relay is None else list(relay.partitions),
                 "outbox": backlog,
                 "rate_limits": await _rate_limits(request),
             },
@@ -121,13 +138,26 @@ async def metrics(request: web.Request) -> web.Response:
     events = request.app[EVENTS]
     registry.broker_connected.set(1 if events.broker.connected else 0)
     if events.relay is not None:  # the outbox is the relay's business: API replicas skip the query
-        registry.relay_leader.set(1 if events.relay.is_leader else 0)
+        registry.relay_leader.set(1 if events.relay.is_active else 0)
+        registry.relay_partitions.set(len(events.relay.partitions))
         with contextlib.suppress(*DATABASE_UNAVAILABLE, asyncpg.PostgresError):
             async with asyncio.timeout(READINESS_TIMEOUT_SECONDS), pool.acquire() as conn:
-                backlog = await conn.fetchrow(OUTBOX_BACKLOG)
-            registry.outbox_pending.set(backlog["pending"])
-            registry.outbox_oldest_age.set(backlog["oldest_age"])
+                partitions = await conn.fetch(PARTITION_BACKLOG)
+            _set_backlog(registry, partitions)
     return web.Response(body=registry.render(), content_type="text/plain", charset="utf-8")
+
+
+def _set_backlog(registry: Metrics, partitions: list[asyncpg.Record]) -> None:
+    """The backlog gauges: per partition, and the totals (the sum, and the oldest of all)."""
+    registry.outbox_partitions.set(len(partitions))
+    registry.outbox_partition_pending.clear()  # P may have been lowered: no stale partitions
+    registry.outbox_partition_oldest_age.clear()
+    for row in partitions:
+        label = str(row["partition"])
+        registry.outbox_partition_pending.labels(label).set(row["pending"])
+        registry.outbox_partition_oldest_age.labels(label).set(row["oldest_age"])
+    registry.outbox_pending.set(sum(row["pending"] for row in partitions))
+    registry.outbox_oldest_age.set(max((row["oldest_age"] for row in partitions), default=0))
 
 
 async def openapi_document(request: web.Request) -> web.Response:

@@ -6,7 +6,7 @@ import logging
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
 
-from service.backoff import Backoff, sleep_unless
+from service.backoff import Backoff, first_set, sleep_unless
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ class Broker:
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
         self.first_connected = asyncio.Event()
+        # Counts the robust connection's reconnects; each one sets the event of its time.
+        self.generation = 0
+        self._reconnected = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -100,9 +103,25 @@ class Broker:
                 await connection.close()
                 raise
             self._connection, self._channel = connection, channel  # type: ignore[assignment]
+            connection.reconnect_callbacks.add(self._on_reconnect)
             self.first_connected.set()
             log.info("connected to RabbitMQ; exchange %r declared", self._exchange_name)
             return
+
+    def _on_reconnect(self, *_: object) -> None:
+        """The robust connection is back, its channel and topology restored."""
+        log.info("reconnected to RabbitMQ")
+        self.generation += 1
+        self._reconnected.set()
+        self._reconnected = asyncio.Event()
+
+    async def reconnected_since(
+        self, generation: int, stopping: asyncio.Event, seconds: float
+    ) -> None:
+        """Sleep `seconds`, or less: until the connection is re-established after `generation`
+        (at once if it already was), or `stopping` is set."""
+        if self.generation == generation:
+            await first_set(self._reconnected, stopping, within=seconds)
 
     async def publish(
         self, message: aio_pika.Message, routing_key: str, confirm_timeout: float

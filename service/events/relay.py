@@ -1,20 +1,27 @@
 """The outbox relay: publishes committed events to RabbitMQ, in order, losing nothing.
 
-One relay is active across all replicas: it holds a PostgreSQL advisory lock on its own
-connection, and the others stand by until the lock is free (its holder's session ended). The
-active relay is woken by NOTIFY after each commit, polls as a fallback, publishes a batch with
-publisher confirms, and marks rows published only once the broker has confirmed them: a crash
-in between publishes them again (same message_id), never loses them.
+Any number of relays share the outbox's P partitions (a partition is a hash of the
+conversation id, so one conversation's events share one). A relay publishes only the partitions
+it holds a PostgreSQL advisory lock for, on its own connection: at most one relay at a time per
+partition. Each relay also holds a shared "member" lock, so the live relays can be counted from
+pg_locks; every second each keeps a fair share, ceil(P / relays), releasing extras between
+batches and taking free partitions. A relay that dies ends its session, which frees its locks
+for the others; one that loses RabbitMQ leaves until it is back. A relay is woken by NOTIFY
+after each commit, polls as a fallback, publishes a batch with publisher confirms, and marks
+rows published only once the broker has confirmed them: a crash in between publishes them
+again (same message_id), never loses them.
 """
 
 import asyncio
 import logging
+import random
 import time
+from collections.abc import Callable
 
 import aio_pika
 import asyncpg
 
-from service.backoff import Backoff, sleep_unless
+from service.backoff import Backoff, first_set, sleep_unless
 from service.errors import DATABASE_UNAVAILABLE
 from service.events.broker import BROKER_UNAVAILABLE, Broker
 from service.metrics import Metrics
@@ -22,23 +29,67 @@ from service.settings import EventSettings
 
 log = logging.getLogger(__name__)
 
+# What ends the relay's database session; it reconnects with backoff. asyncpg's protocol raises
+# InternalClientError when the server ends the session in the middle of a query.
+SESSION_LOST = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InternalClientError)
+
 APP_ID = "conversations"
-# Session-level advisory lock that makes a relay the active one ("convrela").
+# Held shared by every relay ("convrela"): the live relays are its holders. Relays of the
+# single-leader version took it exclusively, so old and new never publish at the same time.
 RELAY_LOCK_KEY = 0x636F6E76_72656C61
+# The first half of each partition's two-part advisory lock key ("outb"); the second, the number.
+PARTITION_LOCK_CLASS = 0x6F757462
 NOTIFY_CHANNEL = "outbox"
 STANDBY_RETRY_SECONDS = 2.0
+# How often a relay recounts the relays and evens out the shares (also mid-drain, between batches).
+REBALANCE_INTERVAL_SECONDS = 1.0
 PUBLISH_CONFIRM_TIMEOUT_SECONDS = 10.0
 CLEANUP_INTERVAL_SECONDS = 60.0
 CLEANUP_BATCH = 1000
+# The relay's database session: named in pg_stat_activity, ended by the server within about
+# 10 s of the relay's host going silent (so that its partitions are freed for the others), and
+# costing random reads as the cached reads they are: else the planner prefers filtering the
+# id-ordered scan of every pending row to an index range of each of the relay's partitions.
+SESSION_SETTINGS = {
+    "application_name": "conversations-relay",
+    "random_page_cost": "1.1",
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+}
 
 # Always from the oldest pending row, skipping only the batch in flight: a row that commits late
-# with a lower id is still published before any later event of its conversation.
+# with a lower id is still published before any later event of its conversation. A relay that
+# holds every partition reads them all in id order.
 SELECT_PENDING = """
-SELECT id, event_id, event_type, account_id, conversation_id, payload, traceparent, created_at
+SELECT id, event_id, event_type, account_id, conversation_id, partition, payload, traceparent,
+       created_at
 FROM outbox
 WHERE published_at IS NULL AND NOT (id = ANY($2::bigint[]))
 ORDER BY id
 LIMIT $1
+"""
+# A relay holding some partitions reads the oldest pending rows of each (an index range per
+# partition, whatever the others' backlog), then the oldest of those: each partition's rows
+# in order, which is the only order that matters.
+SELECT_PENDING_OF = """
+SELECT id, event_id, event_type, account_id, conversation_id, partition, payload, traceparent,
+       created_at
+FROM outbox
+WHERE id IN (
+    SELECT oldest.id
+    FROM unnest($3::int[]) AS held(partition)
+    CROSS JOIN LATERAL (
+        SELECT id FROM outbox
+        WHERE published_at IS NULL AND partition = held.partition
+          AND NOT (id = ANY($2::bigint[]))
+        ORDER BY partition, id  -- the index's order: a range of it, not a filtered id scan
+        LIMIT $1
+    ) AS oldest
+    ORDER BY oldest.id
+    LIMIT $1
+)
+ORDER BY id
 """
 MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])"
 DELETE_PUBLISHED = """
@@ -50,14 +101,35 @@ WHERE id IN (
     LIMIT $2
 )
 """
-TRY_LOCK = "SELECT pg_try_advisory_lock($1)"
+JOIN = "SELECT pg_try_advisory_lock_shared($1)"
+LEAVE = "SELECT pg_advisory_unlock_shared($1)"
+TRY_PARTITION = "SELECT pg_try_advisory_lock($1::int, $2::int)"
+RELEASE_PARTITION = "SELECT pg_advisory_unlock($1::int, $2::int)"
+# P, the live relays, and the partitions no relay holds: what a relay's fair share depends on.
+SHARES = """
+WITH locks AS (
+    SELECT classid::bigint AS classid, objid::bigint AS objid, objsubid
+    FROM pg_locks
+    WHERE locktype = 'advisory' AND granted
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+)
+SELECT s.partitions,
+       (SELECT count(*) FROM locks
+        WHERE classid = $1::bigint >> 32 AND objid = $1::bigint & 4294967295 AND objsubid = 1)
+           AS relays,
+       ARRAY(SELECT p FROM generate_series(0, s.partitions - 1) AS p
+             WHERE p NOT IN (SELECT objid FROM locks WHERE classid = $2::bigint AND objsubid = 2))
+           AS free
+FROM outbox_settings AS s
+"""
 
 
 def build_message(row: asyncpg.Record) -> aio_pika.Message:
     """The AMQP message for an outbox row: the contract's properties and headers."""
-    headers: dict[str, str] = {
+    headers: dict[str, str | int] = {
         "account_id": row["account_id"],
         "conversation_id": row["conversation_id"],
+        "partition": row["partition"],
     }
     if row["traceparent"]:
         headers["traceparent"] = row["traceparent"]
@@ -73,16 +145,6 @@ def build_message(row: asyncpg.Record) -> aio_pika.Message:
     )
 
 
-async def _first(*events: asyncio.Event, within: float | None = None) -> None:
-    """Until any of `events` is set (or `within` seconds pass)."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-
-
 def _record(metrics: Metrics, rows: list[asyncpg.Record], confirmed: int, seconds: float) -> None:
     """Count a batch: the first `confirmed` rows were confirmed, the rest failed."""
     metrics.publish_confirm_seconds.observe(seconds)
@@ -92,7 +154,7 @@ def _record(metrics: Metrics, rows: list[asyncpg.Record], confirmed: int, second
 
 
 class Relay:
-    """Drains the outbox to the broker while it holds the relay lock; stands by otherwise."""
+    """Drains its share of the outbox's partitions to the broker; stands by with none."""
 
     def __init__(
         self,
@@ -100,86 +162,159 @@ class Relay:
         broker: Broker,
         settings: EventSettings,
         metrics: Metrics | None = None,
+        *,
+        backoff: Callable[[], Backoff] = Backoff,
     ) -> None:
         self._database_url = database_url
         self._broker = broker
         self._settings = settings
         self._metrics = metrics
+        self._backoff = backoff
         self._stopping = asyncio.Event()
-        self.is_leader = False
+        # Where this relay starts looking for free partitions: relays starting together spread.
+        self._offset = random.randrange(1024)  # noqa: S311  # spreading, not cryptography
+        self.partitions: tuple[int, ...] = ()
+        self._partition_count = 0  # P, as of the last rebalance
         self.published = 0
+
+    @property
+    def is_active(self) -> bool:
+        """Whether this relay holds at least one partition."""
+        return bool(self.partitions)
 
     def stop(self) -> None:
         """Finish the batch in hand, then return from `run` (unconfirmed rows stay pending)."""
         self._stopping.set()
 
     async def run(self) -> None:
-        """Relay until `stop()`: connect, become the active relay or stand by, drain, repeat."""
-        await _first(self._broker.first_connected, self._stopping)  # nothing to do before it
-        backoff = Backoff()
+        """Relay until `stop()`: connect, join the relays, drain its partitions, repeat."""
+        await first_set(self._broker.first_connected, self._stopping)  # nothing to do before it
+        backoff = self._backoff()
         while not self._stopping.is_set():
             try:
-                conn = await asyncpg.connect(self._database_url)
-            except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as error:
+                conn = await asyncpg.connect(self._database_url, server_settings=SESSION_SETTINGS)
+            except SESSION_LOST as error:
                 await self._pause(backoff.next_delay(), "PostgreSQL unreachable", error)
                 continue
             try:
-                await self._lead(conn, backoff)
-            except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError) as error:
+                await self._serve(conn, backoff)
+            except SESSION_LOST as error:
                 await self._pause(backoff.next_delay(), "PostgreSQL connection lost", error)
+            except Exception as error:  # a bug must not end publishing for this process's life
+                log.error("relay failed (%s); starting over", type(error).__name__)
+                await self._pause(backoff.next_delay(), "relay failed", error)
             finally:
-                if self.is_leader:
-                    log.info("relay is no longer the active one")
-                self.is_leader = False
-                conn.terminate()  # ends the session, so the lock is free for a standby at once
+                if self.partitions:
+                    log.info("relay released its partitions %s", list(self.partitions))
+                self.partitions = ()
+                conn.terminate()  # ends the session, so its locks are free for the others at once
 
-    async def _lead(self, conn: asyncpg.Connection, backoff: Backoff) -> None:
-        while not await conn.fetchval(TRY_LOCK, RELAY_LOCK_KEY):
-            if await sleep_unless(self._stopping, STANDBY_RETRY_SECONDS):
-                return
-        self.is_leader = True
-        log.info("relay is the active one")
+    async def _serve(self, conn: asyncpg.Connection, backoff: Backoff) -> None:
         wake = asyncio.Event()
         await conn.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
-        broker_backoff = Backoff()
+        broker_backoff = self._backoff()
+        joined = False
         last_cleanup = 0.0
+        rebalance_at = 0.0
         while not self._stopping.is_set():
             wake.clear()
+            generation = self._broker.generation
             if not self._broker.connected:
-                await self._pause(broker_backoff.next_delay(), "RabbitMQ not connected", None)
+                if joined:  # its partitions go to relays that can publish them
+                    await self._leave(conn)
+                    joined = False
+                await self._pause_for_broker(broker_backoff, generation, "RabbitMQ not connected")
                 continue
+            if not joined:
+                if not await conn.fetchval(JOIN, RELAY_LOCK_KEY):  # a single-leader relay runs
+                    await sleep_unless(self._stopping, STANDBY_RETRY_SECONDS)
+                    continue
+                log.info("relay joined the relays")
+                joined, rebalance_at = True, 0.0
+            if time.monotonic() >= rebalance_at:
+                await self.rebalance(conn)
+                rebalance_at = time.monotonic() + REBALANCE_INTERVAL_SECONDS
             try:
-                await self._drain(conn)
+                more = await self._drain(conn, rebalance_at)
             except BROKER_UNAVAILABLE as error:
-                await self._pause(broker_backoff.next_delay(), "publishing failed", error)
+                await self._pause_for_broker(broker_backoff, generation, "publishing failed", error)
                 continue
             backoff.reset()  # only a drain that worked proves the database side is healthy
             broker_backoff.reset()
-            if time.monotonic() - last_cleanup >= CLEANUP_INTERVAL_SECONDS:
+            # One relay cleans up (partition 0's), so that no two delete the same rows.
+            if 0 in self.partitions and time.monotonic() - last_cleanup >= CLEANUP_INTERVAL_SECONDS:
                 await self.remove_published(conn)
                 last_cleanup = time.monotonic()
-            await self._wait(wake, self._settings.relay_poll_interval_seconds)
+            if not more:
+                until_rebalance = max(0.0, rebalance_at - time.monotonic())
+                await self._wait(
+                    wake, min(self._settings.relay_poll_interval_seconds, until_rebalance)
+                )
 
-    async def _drain(self, conn: asyncpg.Connection) -> None:
-        """Publish batches until the outbox is empty (or we are stopping).
+    async def _leave(self, conn: asyncpg.Connection) -> None:
+        """Stop being counted and release every partition (nothing is in flight here)."""
+        for partition in self.partitions:
+            await conn.fetchval(RELEASE_PARTITION, PARTITION_LOCK_CLASS, partition)
+        await conn.fetchval(LEAVE, RELAY_LOCK_KEY)
+        if self.partitions:
+            log.info("relay released its partitions %s", list(self.partitions))
+        self.partitions = ()
+
+    async def rebalance(self, conn: asyncpg.Connection) -> None:
+        """Keep a fair share of the partitions: ceil(P / live relays).
+
+        Runs between batches only, when nothing is in flight: a partition released here has
+        every confirmed row marked, and the relay taking it starts from its oldest pending row.
+        """
+        shares = await conn.fetchrow(SHARES, RELAY_LOCK_KEY, PARTITION_LOCK_CLASS)
+        count, relays, free = shares["partitions"], shares["relays"], shares["free"]
+        share = -(-count // max(1, relays))
+        keep = [p for p in self.partitions if p < count][:share]  # P may have been lowered
+        for partition in self.partitions:
+            if partition not in keep:
+                await conn.fetchval(RELEASE_PARTITION, PARTITION_LOCK_CLASS, partition)
+        for partition in sorted(free, key=lambda p: (p - self._offset) % count):
+            if len(keep) >= share:
+                break
+            if await conn.fetchval(TRY_PARTITION, PARTITION_LOCK_CLASS, partition):
+                keep.append(partition)  # free a moment ago; another relay may have won it
+        if sorted(keep) != list(self.partitions):
+            log.info(
+                "relay holds partitions %s (%d relays, %d partitions)", sorted(keep), relays, count
+            )
+        self.partitions = tuple(sorted(keep))
+        self._partition_count = count
+
+    async def _drain(self, conn: asyncpg.Connection, until: float) -> bool:
+        """Publish batches of this relay's partitions until none is pending, or `until` (the
+        next rebalance) has passed; True if rows may remain.
 
         While the broker confirms a batch, the database work around it runs on `conn`: the
         previous batch is marked and the next one read (all pending rows but the batch in
         flight). A batch goes out only once the one before it is confirmed, so the broker
         receives events in outbox order.
         """
+        if not self.partitions:
+            return False
         batch_size = self._settings.relay_batch_size
-        rows = await conn.fetch(SELECT_PENDING, batch_size, [])
+        partitions = list(self.partitions)
+        if len(partitions) == self._partition_count:
+            select, held = SELECT_PENDING, []
+        else:
+            select, held = SELECT_PENDING_OF, [partitions]
+        rows = await conn.fetch(select, batch_size, [], *held)
         unmarked: list[int] = []
+        more = False
         while rows:
             publishing = asyncio.ensure_future(self.publish_batch(rows))
             try:
                 if unmarked:
                     await self.mark_published(conn, unmarked)
                     unmarked = []
-                more = len(rows) == batch_size and not self._stopping.is_set()
+                more = len(rows) == batch_size
+                go_on = more and not self._stopping.is_set() and time.monotonic() < until
                 in_flight = [row["id"] for row in rows]
-                next_rows = await conn.fetch(SELECT_PENDING, batch_size, in_flight) if more else []
+                next_rows = await conn.fetch(select, batch_size, in_flight, *held) if go_on else []
             except BaseException:
                 await asyncio.gather(publishing, return_exceptions=True)  # let it settle
                 raise
@@ -191,6 +326,7 @@ class Relay:
             rows = next_rows
         if unmarked:
             await self.mark_published(conn, unmarked)
+        return more
 
     async def publish_batch(
         self, rows: list[asyncpg.Record]
@@ -243,7 +379,22 @@ class Relay:
 
     async def _wait(self, wake: asyncio.Event, seconds: float) -> None:
         """Until a NOTIFY, the poll interval, or stop."""
-        await _first(wake, self._stopping, within=seconds)
+        await first_set(wake, self._stopping, within=seconds)
+
+    async def _pause_for_broker(
+        self,
+        backoff: Backoff,
+        generation: int,
+        what: str,
+        error: BaseException | None = None,
+    ) -> None:
+        """Back off after a broker failure, but resume as soon as the connection is back: the
+        backoff only spaces out failures on one connection (issue: a relay slept 26 s after
+        RabbitMQ returned)."""
+        delay = backoff.next_delay()
+        reason = f" ({type(error).__name__})" if error is not None else ""
+        log.warning("%s%s; retrying in %.1fs or once reconnected", what, reason, delay)
+        await self._broker.reconnected_since(generation, self._stopping, delay)
 
     async def _pause(self, seconds: float, what: str, error: BaseException | None) -> None:
         reason = f" ({type(error).__name__})" if error is not None else ""

@@ -1,5 +1,7 @@
 """Scenario 4, the relay: the service's own relay draining a pre-filled outbox against a raw
 aio-pika publisher in the same run, and commit-to-subscriber latency at a steady write rate.
+Scenario 9: the same backlog drained by 1, 2 and 4 relays sharing the outbox's partitions,
+with each one's CPU time (and the database's and the broker's) from /proc.
 
 Both publishers send persistent messages with batched publisher confirms to the same durable
 topic exchange, bound to one durable queue, so the broker writes every message either way.
@@ -7,17 +9,21 @@ topic exchange, bound to one durable queue, so the broker writes every message e
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aio_pika
 import aiohttp
 import asyncpg
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.events.broker import declare_topology
+from service.events.relay import PARTITION_LOCK_CLASS, SESSION_SETTINGS
 from tests.bench.load import LoadResult, percentile
 
 EXCHANGE = "conversations_bench"
@@ -232,3 +238,146 @@ async def backlog_sampler(database_url: str, interval: float = 1.0) -> AsyncIter
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await conn.close()
+
+
+# How many partitions each relay's session holds (scenario 9 waits for fair shares first).
+PARTITION_HOLDERS = """
+SELECT count(*) AS partitions FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND classid = $1::bigint::oid AND objsubid = 2
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+GROUP BY pid
+"""
+PARTITIONS = "SELECT partitions FROM outbox_settings"
+RELAY_BACKENDS = """
+SELECT pid FROM pg_stat_activity
+WHERE application_name = $1 AND datname = current_database()
+"""
+SETTLE_TIMEOUT_SECONDS = 30.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # the command may contain spaces and parentheses
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def broker_process(state_dir: Path) -> int | None:
+    """The local RabbitMQ node's Erlang VM (deploy/dev/services.sh keeps its files in
+    `state_dir`), or None when the broker runs elsewhere."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"beam" in command and str(state_dir).encode() in command:
+            return int(entry.name)
+    return None
+
+
+def _readable(pids: list[int]) -> bool:
+    try:
+        for pid in pids:
+            cpu_seconds(pid)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+async def confirmed_events(http: aiohttp.ClientSession, port: int) -> int:
+    """The events a relay has had confirmed so far, from its /metrics."""
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "conversations_events_published_total"
+            and sample.labels["outcome"] == "confirmed"
+        )
+    )
+
+
+@dataclass(frozen=True)
+class SharedDrain:
+    """N relays draining one backlog: the aggregate rate; CPU seconds per 1,000 events of all
+    the relays together, and of each relay per 1,000 of the events it published; of the relays'
+    database sessions and of the broker per 1,000 events (None: not readable here)."""
+
+    relays: int
+    rate: float
+    relay_cpu_per_1k: float
+    each_relay_cpu_per_1k: tuple[float, ...]
+    database_cpu_per_1k: float | None
+    broker_cpu_per_1k: float | None
+
+
+async def _settled(conn: asyncpg.Connection, relays: int) -> None:
+    """Until `relays` sessions hold the partitions in fair shares (the relays have rebalanced)."""
+    count = await conn.fetchval(PARTITIONS)
+    share = -(-count // relays)
+    deadline = time.perf_counter() + SETTLE_TIMEOUT_SECONDS
+    while True:
+        held = [r["partitions"] for r in await conn.fetch(PARTITION_HOLDERS, PARTITION_LOCK_CLASS)]
+        if len(held) == relays and sum(held) == count and max(held) <= share:
+            return
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{relays} relays did not share the partitions: {held}")
+        await asyncio.sleep(0.1)
+
+
+async def shared_drain(
+    database_url: str, count: int, relays: list[tuple[int, int]], broker_pid: int | None
+) -> SharedDrain:
+    """The relays (pid, HTTP port; running, idle) drain `count` events committed at once; the
+    rate is timed on the database's clock, as in `relay_drain`, and CPU is read around it."""
+    relay_pids = [pid for pid, _ in relays]
+    conn = await asyncpg.connect(database_url)
+    http = aiohttp.ClientSession()
+    try:
+        await _until_drained(conn)
+        # Each run from the same start: an empty outbox without dead rows (and free event ids).
+        await conn.execute("DELETE FROM outbox")
+        await conn.execute("VACUUM outbox")
+        await _settled(conn, len(relay_pids))
+        backends = [
+            r["pid"] for r in await conn.fetch(RELAY_BACKENDS, SESSION_SETTINGS["application_name"])
+        ]
+        database = backends if _readable(backends) else []
+        broker = [broker_pid] if broker_pid is not None and _readable([broker_pid]) else []
+        watched = [*relay_pids, *database, *broker]
+        published = [await confirmed_events(http, port) for _, port in relays]
+        before = [cpu_seconds(pid) for pid in watched]
+        await conn.execute(FILL, PAYLOAD, count)
+        committed = await conn.fetchval("SELECT clock_timestamp()")
+        await _until_drained(conn)
+        seconds = await conn.fetchval(
+            "SELECT extract(epoch FROM max(published_at) - $1)::float8 FROM outbox", committed
+        )
+        used = [cpu_seconds(pid) - start for pid, start in zip(watched, before, strict=True)]
+        published = [
+            await confirmed_events(http, port) - earlier
+            for (_, port), earlier in zip(relays, published, strict=True)
+        ]
+    finally:
+        await http.close()
+        await conn.close()
+    n = len(relays)
+    relay_cpu, database_cpu, broker_cpu = (
+        used[:n],
+        used[n : n + len(database)],
+        used[n + len(database) :],
+    )
+    return SharedDrain(
+        relays=n,
+        rate=count / seconds,
+        relay_cpu_per_1k=1000 * sum(relay_cpu) / count,
+        each_relay_cpu_per_1k=tuple(
+            1000 * cpu / max(1, events) for cpu, events in zip(relay_cpu, published, strict=True)
+        ),
+        database_cpu_per_1k=1000 * sum(database_cpu) / count if database else None,
+        broker_cpu_per_1k=1000 * sum(broker_cpu) / count if broker else None,
+    )

@@ -1,10 +1,11 @@
 """The benchmark harness behind `make bench`: seed, start each server, drive it, report.
 
-    python -m tests.bench.run [--quick] [--profile]
+    python -m tests.bench.run [--quick] [--profile] [--only relays]
 
 Needs DATABASE_URL (a server where it may drop and create `conversations_bench`), AMQP_URL and
 JWT_HS256_SECRETS, as `make env` prints them (`make bench` sets them). Prints each figure as it
-is measured, then the tables, and rewrites docs/benchmarks.md. Every server it starts listens
+is measured, then the tables, and rewrites docs/benchmarks.md (not with `--only`, which runs
+one scenario and prints its tables). Every server it starts listens
 on 127.0.0.1 only and is stopped by its pid when its scenarios end, also on failure.
 """
 
@@ -32,12 +33,15 @@ from tests.bench.processes import Server, free_port, running
 from tests.bench.profile import record, summarize
 from tests.bench.relay import (
     EXCHANGE,
+    SharedDrain,
     backlog_sampler,
+    broker_process,
     broker_sink,
     broker_version,
     commit_to_subscriber,
     raw_publisher,
     relay_drain,
+    shared_drain,
     wait_drained,
 )
 from tests.bench.report import Check, Measurement
@@ -90,6 +94,7 @@ class Plan:
 
 QUICK = Plan("quick", 5, 2, 15, 5, 20_000, False, 1, SeedPlan(1_000, 100, 100_000))
 FULL = Plan("full", 15, 5, 60, 15, 100_000, True, 2, SeedPlan(1_000, 100, 1_000_000))
+ONLY_SEED = SeedPlan(10, 10, 10_000)
 
 
 @dataclass
@@ -103,6 +108,7 @@ class Bench:
     measurements: list[Measurement] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     profile_text: str = report.NO_PROFILE
+    relay_scaling_text: str = report.NO_RELAY_SCALING
 
     def say(self, text: str) -> None:
         """A progress line, with the time since the start."""
@@ -586,6 +592,127 @@ async def scenario_relay(bench: Bench, server: Server, sink: AbstractQueue) -> N
     bench.check(limit_check("relay_latency", "4", what, events.load.p99_ms, 50, "ms"))
 
 
+RELAY_COUNTS = (1, 2, 4)
+
+
+@contextlib.asynccontextmanager
+async def relay_processes(bench: Bench, count: int) -> AsyncIterator[list[tuple[int, int]]]:
+    """`count` processes of `conversations relay`, as the relay Deployment runs them; yields
+    their pids and HTTP ports once each answers /readyz."""
+    command = str(Path(sys.executable).with_name("conversations"))
+    async with contextlib.AsyncExitStack() as stack:
+        relays = []
+        for number in range(1, count + 1):
+            port = free_port()
+            env = {
+                "DATABASE_URL": bench.dataset.database_url,
+                "HOST": "127.0.0.1",
+                "RELAY_HTTP_PORT": str(port),
+                "EVENTS_EXCHANGE": EXCHANGE,
+                "LOG_FORMAT": "json",
+                "DB_POOL_MIN": "1",
+                "DB_POOL_MAX": "2",
+                "SHUTDOWN_TIMEOUT_SECONDS": "5",
+            }
+
+            async def ready(server: Server, port: int = port) -> bool:
+                return await _answers(f"http://127.0.0.1:{port}/readyz", {})
+
+            server = await stack.enter_async_context(
+                running(
+                    bench.commands,
+                    f"relay {number} of {count}",
+                    [command, "relay"],
+                    env,
+                    port=port,
+                    workers=0,
+                    log_path=BENCH_DIR / f"relay-{count}-{number}.log",
+                    ready=ready,
+                )
+            )
+            relays.append((server.process.pid, port))
+        yield relays
+
+
+def cpu_check(key: str, drain: SharedDrain, single: SharedDrain, maximum: float | None) -> Check:
+    """The relays' CPU per event, N relays against one (None: no target)."""
+    ratio = drain.relay_cpu_per_1k / single.relay_cpu_per_1k
+    each = " / ".join(f"{cpu:.3f}" for cpu in drain.each_relay_cpu_per_1k)
+    return Check(
+        key,
+        "9",
+        f"relay CPU per event, {drain.relays} relays / 1 relay",
+        f"{drain.relay_cpu_per_1k:.3f} CPU s per 1,000 (each relay: {each})",
+        f"{single.relay_cpu_per_1k:.3f} CPU s per 1,000",
+        ratio,
+        "(no target)" if maximum is None else f"<= {maximum:g}",
+        None if maximum is None else ratio <= maximum,
+    )
+
+
+async def scenario_relays(bench: Bench, sink: AbstractQueue) -> None:
+    """Scenario 9: the same backlog drained by 1, 2 and 4 relays sharing the partitions."""
+    amqp_url = os.environ["AMQP_URL"]
+    count = bench.plan.relay_events
+    bench.say(f"scenario 9: relays sharing the outbox, {count:,} events each run")
+    bench.commands.note(
+        f"scenario 9, in the harness (tests/bench/relay.py): {count:,} events, raw publisher, "
+        f"then drained by {', '.join(map(str, RELAY_COUNTS))} `conversations relay` processes"
+    )
+    await sink.purge()
+    raw_rate = await raw_publisher(amqp_url, count)
+    raw = bench.add(Measurement("9", "raw aio-pika publisher", _rate_only(raw_rate, count), "ev/s"))
+    await sink.purge()
+    broker = broker_process(ROOT / ".dev" / "rabbitmq")
+    drains: dict[int, SharedDrain] = {}
+    rows: dict[int, Measurement] = {}
+    for relays in RELAY_COUNTS:
+        async with relay_processes(bench, relays) as running_relays:
+            drain = await shared_drain(bench.dataset.database_url, count, running_relays, broker)
+        await sink.purge()
+        drains[relays] = drain
+        each = ", ".join(f"{cpu:.3f}" for cpu in drain.each_relay_cpu_per_1k)
+        rows[relays] = bench.add(
+            Measurement(
+                "9",
+                f"{relays} relay{'s' if relays > 1 else ''} sharing the outbox (aggregate)",
+                _rate_only(drain.rate, count),
+                "ev/s",
+            )
+        )
+        bench.say(
+            f"    CPU s per 1,000 events: relays {drain.relay_cpu_per_1k:.3f} (each relay, per "
+            f"1,000 of its own: {each}); {_others(drain)}"
+        )
+    one, two, four = (rows[n] for n in RELAY_COUNTS)
+    bench.check(
+        rate_check("relays_2_vs_1", "2 relays / 1 relay, aggregate events/s", two, one, 1.0)
+    )
+    bench.check(
+        rate_check("relays_4_vs_1", "4 relays / 1 relay, aggregate events/s", four, one, None)
+    )
+    bench.check(cpu_check("relays_cpu_2_vs_1", drains[2], drains[1], 1.1))
+    bench.check(cpu_check("relays_cpu_4_vs_1", drains[4], drains[1], None))
+    bench.check(rate_check("relays_4_vs_raw", "4 relays / raw publisher", four, raw, None))
+    most = drains[RELAY_COUNTS[-1]]  # the broker's and database's cost where many publish
+    bench.relay_scaling_text = report.relay_scaling(
+        drains[1].relay_cpu_per_1k,
+        most.database_cpu_per_1k,
+        most.broker_cpu_per_1k,
+        {n: d.rate for n, d in drains.items()},
+        raw_rate,
+    )
+
+
+def _others(drain: SharedDrain) -> str:
+    database = drain.database_cpu_per_1k
+    broker = drain.broker_cpu_per_1k
+    return (
+        f"their database sessions {'-' if database is None else f'{database:.3f}'}, "
+        f"RabbitMQ {'-' if broker is None else f'{broker:.3f}'}"
+    )
+
+
 # Scenarios that `--only` can run alone, against the service only (no peers, no document).
 ALONE: dict[str, Callable[[Bench, Server], Awaitable[None]]] = {
     "writes": scenario_writes,
@@ -687,16 +814,16 @@ async def main(plan: Plan) -> None:
         f"seed (tests/bench/seed.py): drop and create {BENCH_DATABASE}, `conversations migrate`, "
         f"COPY {dataset.rows:,} rows, VACUUM ANALYZE"
     )
-    if plan.only:
-        async with service(bench) as server:
-            for name in plan.only:
-                await ALONE[name](bench, server)
-        print()
-        print(report.measurements_table(bench.measurements))
-        print()
-        print(report.targets_table(bench.checks))
-        return
     async with broker_sink(os.environ["AMQP_URL"]) as sink:
+        if plan.only:
+            for name in plan.only:
+                if name == "relays":  # its own relays, no service
+                    await scenario_relays(bench, sink)
+                    continue
+                async with service(bench) as server:
+                    await ALONE[name](bench, server)
+            _print_tables(bench)
+            return
         rounds = await scenario_get_by_id(bench)
         async with service(bench) as server:
             label = f" (round {plan.rounds} of {plan.rounds})" if plan.rounds > 1 else ""
@@ -711,6 +838,7 @@ async def main(plan: Plan) -> None:
             await scenario_relay(bench, server, sink)
             await scenario_mixed(bench, server)
         await scenario_rate_limits(bench)
+        await scenario_relays(bench, sink)  # its own relays: the service's would join them
     elapsed = time.monotonic() - started
     machine = report.machine(
         ROOT,
@@ -726,16 +854,24 @@ async def main(plan: Plan) -> None:
         measurements=bench.measurements,
         checks=bench.checks,
         profile_text=bench.profile_text,
+        relay_scaling_text=bench.relay_scaling_text,
         commands=bench.commands.lines,
     )
     DOC.write_text(document)
+    _print_tables(bench)
+    print(f"\n{DOC.relative_to(ROOT)} rewritten; {elapsed / 60:.1f} min in all", flush=True)
+
+
+def _print_tables(bench: Bench) -> None:
     print()
     print(report.measurements_table(bench.measurements))
     print()
     print(report.targets_table(bench.checks))
     print()
     print(report.missed_notes(bench.checks))
-    print(f"\n{DOC.relative_to(ROOT)} rewritten; {elapsed / 60:.1f} min in all", flush=True)
+    if bench.relay_scaling_text != report.NO_RELAY_SCALING:
+        print()
+        print(bench.relay_scaling_text)
 
 
 def parse_args(argv: list[str] | None = None) -> Plan:
@@ -747,13 +883,15 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--profile", action="store_true", help="profile in quick mode too (py-spy)")
     parser.add_argument(
         "--only",
-        choices=sorted(ALONE),
+        choices=sorted([*ALONE, "relays"]),
         action="append",
         default=[],
-        help="run only this scenario against the service (repeatable); prints, writes no document",
+        help="run only this scenario (repeatable); prints, writes no document",
     )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.only == ["relays"]:  # that scenario reads no seeded rows: seed the least
+        plan = dataclasses.replace(plan, data=ONLY_SEED)
     return dataclasses.replace(plan, profile=plan.profile or args.profile, only=tuple(args.only))
 
 
