@@ -24,6 +24,15 @@ async def proxy(db_url):
         await proxy.cut()
 
 
+@pytest.fixture
+async def proxied_client(aiohttp_client, settings, proxy):
+    """The service with its database reached through `proxy`, which a test can cut."""
+    proxied = dataclasses.replace(
+        settings, database_url=via_port(settings.database_url, proxy.port)
+    )
+    return await aiohttp_client(create_app(proxied))
+
+
 async def test_the_service_starts_and_answers_503_while_the_database_is_down(
     aiohttp_client, settings, headers
 ):
@@ -44,13 +53,9 @@ async def test_the_service_starts_and_answers_503_while_the_database_is_down(
 
 
 async def test_a_database_outage_is_503_then_recovers_with_nothing_lost(
-    aiohttp_client, settings, headers, proxy, db
+    proxied_client, headers, proxy, db
 ):
-    client = await aiohttp_client(
-        create_app(
-            dataclasses.replace(settings, database_url=via_port(settings.database_url, proxy.port))
-        )
-    )
+    client = proxied_client
     resp = await client.post("/v1/conversations", json={"contact_id": "before"}, headers=headers)
     assert resp.status == 201
     before = await resp.json()
@@ -89,13 +94,9 @@ ALIVE = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
 
 
 async def test_a_write_cut_off_by_the_database_going_away_is_503_and_never_commits(
-    aiohttp_client, settings, headers, proxy, db
+    proxied_client, headers, proxy, db
 ):
-    client = await aiohttp_client(
-        create_app(
-            dataclasses.replace(settings, database_url=via_port(settings.database_url, proxy.port))
-        )
-    )
+    client = proxied_client
     resp = await client.post("/v1/conversations", json={"contact_id": "c1"}, headers=headers)
     assert resp.status == 201
     created = await resp.json()
