@@ -26,6 +26,7 @@ import asyncpg
 import uvloop
 from aio_pika.abc import AbstractQueue
 
+from service.conversations import repository
 from service.settings import load_auth_settings
 from tests.bench import report
 from tests.bench.load import Commands, LoadResult, find_pgbench, pgbench, wrk
@@ -523,7 +524,9 @@ async def scenario_sync(bench: Bench, server: Server) -> None:
         f"{SYNC_WALK_ROUNDS} sync walks of {account}, {SYNC_PAGE} a page, alternating"
     )
     lists, syncs = [], []
-    async with asyncpg.create_pool(bench.dataset.database_url, min_size=1, max_size=2) as pool:
+    async with asyncpg.create_pool(
+        bench.dataset.database_url, min_size=1, max_size=2, init=repository.init_connection
+    ) as pool:
         for _ in range(SYNC_WALK_ROUNDS):
             lists.append(await list_walk(pool, account, SYNC_PAGE))
             syncs.append(await sync_walk(pool, account, SYNC_PAGE))
