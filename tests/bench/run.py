@@ -501,7 +501,7 @@ async def scenario_writes(bench: Bench, server: Server) -> None:
         bench, server, "3", "service POST /v1/conversations", "create.lua", seconds
     )
     keyed = await measure(
-        bench, server, "3", "service POST with Idempotency-Key", "create_keyed.lua", seconds
+        bench, server, "3", "service POST with Idempotency-Key", "create.lua", seconds, ("keyed",)
     )
     put = await measure(
         bench, server, "3", "service PUT /v1/conversations/{id}", "update.lua", seconds
