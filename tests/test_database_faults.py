@@ -93,24 +93,29 @@ LOCK_WAITER = (
 ALIVE = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
 
 
-async def test_a_write_cut_off_by_the_database_going_away_is_503_and_never_commits(
-    proxied_client, headers, proxy, db
-):
-    client = proxied_client
+async def update_waiting_on_a_row_lock(client, headers, db):
+    """A conversation, a transaction of `db` holding its row, and a PATCH of it from `client`
+    that waits inside PostgreSQL for that lock: (the conversation, the holding transaction, the
+    PATCH's task, the pid of the waiting session)."""
     resp = await client.post("/v1/conversations", json={"contact_id": "c1"}, headers=headers)
     assert resp.status == 201
     created = await resp.json()
-    item = f"/v1/conversations/{created['id']}"
-
-    # Hold the row so that the update waits inside PostgreSQL when its connection drops.
     lock = db.transaction()
     await lock.start()
     await db.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", created["id"])
+    item = f"/v1/conversations/{created['id']}"
     update = asyncio.create_task(client.patch(item, json={"is_muted": True}, headers=headers))
     async with asyncio.timeout(30):  # a safety bound, not a timing assertion
         while not (pid := await sessions(db, LOCK_WAITER)):
             await asyncio.sleep(0.02)
+    return created, lock, update, pid
 
+
+async def test_a_write_cut_off_by_the_database_going_away_is_503_and_never_commits(
+    proxied_client, headers, proxy, db
+):
+    # Hold the row so that the update waits inside PostgreSQL when its connection drops.
+    created, lock, update, pid = await update_waiting_on_a_row_lock(proxied_client, headers, db)
     await proxy.cut()
     resp = await update
     body = await error_body(resp, 503, "api_error")
@@ -171,22 +176,14 @@ async def test_a_session_the_server_terminates_mid_write_is_503_then_the_service
     client, headers, db
 ):
     """What a PostgreSQL restart (or a failover) does to the sessions it finds: FATAL 57P01."""
-    resp = await client.post("/v1/conversations", json={"contact_id": "c1"}, headers=headers)
-    created = await resp.json()
-    item = f"/v1/conversations/{created['id']}"
-    lock = db.transaction()
-    await lock.start()
-    await db.execute("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", created["id"])
-    update = asyncio.create_task(client.patch(item, json={"is_muted": True}, headers=headers))
-    async with asyncio.timeout(30):  # a safety bound, not a timing assertion
-        while not (pid := await sessions(db, LOCK_WAITER)):
-            await asyncio.sleep(0.02)
+    created, lock, update, pid = await update_waiting_on_a_row_lock(client, headers, db)
     assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
     resp = await update
     await error_body(resp, 503, "api_error")
     assert resp.headers["Retry-After"] == "1"
     await lock.rollback()
 
+    item = f"/v1/conversations/{created['id']}"
     resp = await client.get(item, headers=headers)  # the pool replaced the lost connection
     assert resp.status == 200
     assert await resp.json() == created
