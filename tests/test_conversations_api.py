@@ -8,8 +8,9 @@ from aiohttp.test_utils import TestClient
 
 from schemas import ConversationSchema
 from schemas.event import EventSchema
-from service.conversations import operations, repository
+from service.conversations import operations
 from service.conversations.ids import id_time_ms
+from tests.races import lose_races_until_locked
 
 FIELDS = {
     "id",
@@ -534,16 +535,7 @@ async def test_a_write_that_keeps_losing_the_race_locks_the_row_on_its_last_try(
     client, headers, db, monkeypatch
 ):
     created = await create(client, headers, contact_id="c1")
-    real_update = repository.update
-    calls = []
-
-    async def loses_until_locked(conn, *args, **kwargs):
-        calls.append(conn.is_in_transaction())
-        if len(calls) < operations._WRITE_ATTEMPTS:
-            return None  # as if another writer had changed the row in between
-        return await real_update(conn, *args, **kwargs)
-
-    monkeypatch.setattr(repository, "update", loses_until_locked)
+    calls = lose_races_until_locked(monkeypatch)
     resp = await client.put(
         f"/v1/conversations/{created['id']}", json={"is_muted": True}, headers=headers
     )

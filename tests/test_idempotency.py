@@ -17,10 +17,11 @@ import pytest
 from service.api.app import create_app
 from service.api.auth import mint_token
 from service.api.keys import DB_POOL
-from service.conversations import housekeeping, idempotency, operations, repository
+from service.conversations import housekeeping, idempotency
 from tests.error_bodies import error_body
 from tests.events_support import amqp_url
 from tests.proxy import free_port
+from tests.races import lose_races_until_locked
 
 KEY = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
@@ -176,16 +177,7 @@ async def test_a_keyed_write_in_the_locked_last_try_stores_its_answer(
 ):
     created = await client.post("/v1/conversations", json={"contact_id": "c1"}, headers=headers)
     url = created.headers["Location"]
-    real_update = repository.update
-    calls = []
-
-    async def loses_until_locked(conn, *args, **kwargs):
-        calls.append(conn.is_in_transaction())
-        if len(calls) < operations._WRITE_ATTEMPTS:
-            return None  # as if another writer had changed the row in between
-        return await real_update(conn, *args, **kwargs)
-
-    monkeypatch.setattr(repository, "update", loses_until_locked)
+    calls = lose_races_until_locked(monkeypatch)
     first = await client.put(url, json={"is_muted": True}, headers=keyed(headers, "locked"))
     assert first.status == 200
     assert calls[-1] is True  # the last try ran in the locking transaction
