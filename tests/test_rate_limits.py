@@ -133,14 +133,24 @@ async def test_answers_after_authentication_carry_the_headers_and_401_does_not(s
     assert unlimited(resp)
 
 
-async def test_a_token_without_the_scope_draws_on_no_budget(small, make_token, account):
+async def test_a_token_without_the_scope_draws_on_the_budget_and_says_so(
+    small, make_token, account
+):
+    # The contract: every authenticated answer but a 401 carries the budget it drew on.
+    await inside_a_window(60, 5)
     read_only = {"Authorization": f"Bearer {make_token(account, ['conversations:read'])}"}
-    for n in range(4):  # more than the write budget: a 403 never turns into a 429
+    for n in range(2):
         resp = await small.post(
             "/v1/conversations", json={"contact_id": f"c{n}"}, headers=read_only
         )
         assert resp.status == 403
-        assert unlimited(resp)
+        assert quota(resp)[:2] == (2, 1 - n)
+    await rate_limited(
+        await small.post("/v1/conversations", json={"contact_id": "c9"}, headers=read_only)
+    )
+    resp = await small.get("/v1/conversations", headers=read_only)  # the read budget is its own
+    assert resp.status == 200
+    assert quota(resp)[:2] == (3, 2)
 
 
 async def test_probes_metrics_and_the_openapi_document_are_never_limited(

@@ -32,6 +32,7 @@ from service.api.middleware import (
     metrics_middleware,
     rate_limit_middleware,
     request_id_middleware,
+    scope_middleware,
 )
 from service.api.openapi import render_openapi
 from service.api.ratelimit import RateLimiter
@@ -157,6 +158,7 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
             error_middleware,
             auth_middleware,
             rate_limit_middleware,
+            scope_middleware,
         ],
         client_max_size=MAX_BODY_BYTES,
     )

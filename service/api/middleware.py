@@ -145,7 +145,8 @@ def render_error(error: ApiError, request_id: str, docs_url: str) -> web.Respons
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every /v1 request needs a valid bearer token with the scope its method calls for."""
+    """Every /v1 request needs a valid bearer token (401 otherwise); its scope is checked by
+    `scope_middleware`, after the request drew on its budget."""
     if not request.path.startswith("/v1/"):
         return await handler(request)
     credentials = request.headers.getall("Authorization", [])
@@ -170,6 +171,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             str(error),
             headers={"WWW-Authenticate": 'Bearer realm="conversations", error="invalid_token"'},
         ) from None
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+@web.middleware
+async def scope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A /v1 request's token must carry the scope its method calls for: 403 otherwise. It runs
+    after the rate limits, so a 403 is an authenticated answer that drew on its budget and
+    carries the X-RateLimit-* headers, as the contract says of every one but a 401."""
+    principal = request.get(PRINCIPAL)
+    if principal is None:  # not /v1: no token was asked for
+        return await handler(request)
     needed = READ_SCOPE if request.method in _READ_METHODS else WRITE_SCOPE
     if needed not in principal.scopes:
         raise ApiError(
@@ -181,7 +194,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                 )
             },
         )
-    request[PRINCIPAL] = principal
     return await handler(request)
 
 
@@ -208,8 +220,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Draw each authenticated request on its account's read or write budget; 429 when spent.
 
-    Runs after authentication: what has no principal (the probes, /metrics, /openapi.json,
-    a 401 or 403) draws on nothing.
+    Runs after authentication and before the scope check: what has no principal (the probes,
+    /metrics, /openapi.json, a 401) draws on nothing; a 403 draws like any other answer.
     """
     principal = request.get(PRINCIPAL)
     limiter = request.app.get(RATE_LIMITER)  # the relay role serves no /v1 and has none

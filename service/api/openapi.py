@@ -344,7 +344,7 @@ def build_openapi() -> dict[str, Any]:
 
 
 def _with_rate_limit_headers(document: dict[str, Any]) -> dict[str, Any]:
-    """`document` with the X-RateLimit-* headers on each /v1 answer but 401 and 403 (no draw)."""
+    """`document` with the X-RateLimit-* headers on each /v1 answer but 401 (no draw)."""
     refs = {
         name: {"$ref": f"#/components/headers/{name}"}
         for name in _RATE_LIMIT_HEADERS
@@ -358,7 +358,7 @@ def _with_rate_limit_headers(document: dict[str, Any]) -> dict[str, Any]:
                 continue  # the path's shared parameters
             operation["responses"] = {
                 status: response
-                if status in ("401", "403")
+                if status == "401"
                 else {**response, "headers": {**response.get("headers", {}), **refs}}
                 for status, response in operation["responses"].items()
             }
