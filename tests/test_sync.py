@@ -8,6 +8,7 @@ import contextlib
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -191,6 +192,21 @@ async def write(conn: asyncpg.Connection, account: str, action: str, target: str
         assert await repository.delete(conn, account, target, current.version, event)
 
 
+@contextlib.asynccontextmanager
+async def written_and_open(
+    db_url: str, account: str, action: str, target: str
+) -> AsyncIterator[None]:
+    """A transaction on a connection of its own that writes first (so its position is the lower
+    one) and stays open while the block runs; it commits when the block ends."""
+    conn = await connect(db_url)
+    try:
+        async with conn.transaction():
+            await write(conn, account, action, target)
+            yield
+    finally:
+        await conn.close()
+
+
 @pytest.mark.parametrize("action", ["create", "update", "delete"])
 async def test_a_change_that_commits_late_is_delivered_late(
     client, headers, db, db_url, account, action
@@ -200,13 +216,9 @@ async def test_a_change_that_commits_late_is_delivered_late(
     copy: Copy = {}
     token, _ = await walk(client, headers, copy)
 
-    late = await connect(db_url)
-    try:
-        # A writes first (so its transaction id, the position, is the lower one)...
-        transaction = late.transaction()
-        await transaction.start()
-        target = "ct_late" if action == "create" else first["id"]
-        await write(late, account, action, target)
+    # A writes first (so its transaction id, the position, is the lower one)...
+    target = "ct_late" if action == "create" else first["id"]
+    async with written_and_open(db_url, account, action, target):
         # ...B writes and commits after it...
         resp = await client.patch(
             f"/v1/conversations/{second['id']}", json={"is_pinned": True}, headers=headers
@@ -216,9 +228,6 @@ async def test_a_change_that_commits_late_is_delivered_late(
         token, pages = await walk(client, headers, copy, since=token)
         assert [item["id"] for items in pages for item in items] == [second["id"]]
         assert copy == await state(db, account)  # A's change is not visible yet
-        await transaction.commit()
-    finally:
-        await late.close()
 
     token, pages = await walk(client, headers, copy, since=token)
     delivered = [item for items in pages for item in items]
@@ -238,11 +247,8 @@ async def test_a_change_that_commits_in_the_middle_of_a_walk_is_not_skipped(
     a, b, c = [await create(client, headers, f"ct_{n}") for n in range(3)]
     copy: Copy = {}
     token, _ = await walk(client, headers, copy)
-    late = await connect(db_url)
-    try:
-        transaction = late.transaction()
-        await transaction.start()
-        await write(late, account, "update", a["id"])  # the lowest position of the three
+    # A: the lowest position of the three, committed in the middle of the walk.
+    async with written_and_open(db_url, account, "update", a["id"]):
         for conversation in (b, c):
             resp = await client.patch(
                 f"/v1/conversations/{conversation['id']}", json={"is_pinned": True}, headers=headers
@@ -253,9 +259,7 @@ async def test_a_change_that_commits_in_the_middle_of_a_walk_is_not_skipped(
         assert [item["id"] for item in body["data"]] == [b["id"]]
         assert body["has_more"] is True
         apply(copy, body["data"])
-        await transaction.commit()  # ...and A commits before the walk ends.
-    finally:
-        await late.close()
+    # ...and A has committed before the walk ends.
     token, _ = await walk(client, headers, copy, since=body["next_since"], limit=1)
     token, _ = await walk(client, headers, copy, since=token, limit=1)
     assert copy == await state(db, account)
@@ -268,11 +272,7 @@ async def test_a_transaction_held_open_across_many_pages_is_not_skipped(
     made = [await create(client, headers, f"ct_{n}") for n in range(6)]
     copy: Copy = {}
     token, _ = await walk(client, headers, copy)
-    late = await connect(db_url)
-    try:
-        transaction = late.transaction()
-        await transaction.start()
-        await write(late, account, "update", made[0]["id"])
+    async with written_and_open(db_url, account, "update", made[0]["id"]):
         # Many more changes than a page while it stays open: every walk still ends.
         for _ in range(3):
             for conversation in made[1:]:
@@ -283,9 +283,6 @@ async def test_a_transaction_held_open_across_many_pages_is_not_skipped(
                 )
                 assert resp.status == 200
             token, _pages = await walk(client, headers, copy, since=token, limit=2)
-        await transaction.commit()
-    finally:
-        await late.close()
     token, _ = await walk(client, headers, copy, since=token, limit=2)
     assert copy == await state(db, account)
     assert copy[made[0]["id"]]["is_muted"] is True
