@@ -2,8 +2,6 @@
 one that trickles its body is cut off at the deadline."""
 
 import asyncio
-import io
-import logging
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -12,20 +10,14 @@ import pytest
 
 from service.api import bodies
 from tests.error_bodies import ERROR_DOCS_URL, ERROR_KEYS
+from tests.log_capture import captured_logs
 from tests.test_operations import samples
 
 
 @pytest.fixture
 def logs():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield stream
-    root.removeHandler(handler)
-    root.setLevel(old_level)
+    with captured_logs() as stream:
+        yield stream
 
 
 async def connect(base: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

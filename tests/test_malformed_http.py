@@ -2,7 +2,6 @@
 request, and a log line without the request's content or a traceback."""
 
 import asyncio
-import io
 import logging
 import time
 from urllib.parse import urlsplit
@@ -14,6 +13,7 @@ import pytest
 from service.api.server import MAX_FIELD_SIZE
 from tests.conftest import TEST_SECRET
 from tests.error_bodies import ERROR_DOCS_URL, ERROR_KEYS
+from tests.log_capture import captured_logs
 
 SECRET_MARKER = "SeCrEtToKeNmArKeR"  # appears in no answer or log unless the request is echoed
 
@@ -63,16 +63,9 @@ def bearer(padding: int) -> str:
 @pytest.fixture
 def console_logs():
     """Every record at DEBUG and above, as the console format prints them (tracebacks included)."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    yield stream
-    root.removeHandler(handler)
-    root.setLevel(old_level)
+    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    with captured_logs(formatter, logging.DEBUG) as stream:
+        yield stream
 
 
 MALFORMED = {

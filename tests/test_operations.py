@@ -2,7 +2,6 @@
 
 import asyncio
 import dataclasses
-import io
 import logging
 import os
 import signal
@@ -32,6 +31,7 @@ from service.logs import (
     set_request_id,
 )
 from tests.events_support import amqp_url
+from tests.log_capture import captured_logs
 from tests.proxy import free_port, via_port
 
 
@@ -167,16 +167,8 @@ async def test_the_relay_role_serves_only_probes_and_metrics(
 @pytest.fixture
 def json_logs():
     """Every log record of the test, formatted as the service formats them in production."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    yield stream
-    root.removeHandler(handler)
-    root.setLevel(old_level)
+    with captured_logs(JsonFormatter()) as stream:
+        yield stream
 
 
 async def test_logs_are_json_lines_with_the_access_fields_and_no_token(
