@@ -1,4 +1,5 @@
-"""Request id, error rendering, authentication and rate limits: the layers around every handler."""
+"""Request id, error rendering, authentication, rate limits and scopes: the layers around every
+handler."""
 
 import logging
 import os
