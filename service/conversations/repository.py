@@ -36,6 +36,11 @@ WRITABLE_FIELDS = (
     "metadata",
 )
 _COLUMNS = ", ".join(RESOURCE_FIELDS) + ", version"
+# A listed page goes straight into its response: its metadata is read as the JSON text
+# PostgreSQL writes and passed on as it is (orjson.Fragment), never decoded and encoded again.
+_LISTED = [
+    f"{field}::text AS {field}" if field == "metadata" else field for field in RESOURCE_FIELDS
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,13 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 def _stored(record: asyncpg.Record) -> StoredConversation:
     return StoredConversation(resource_of(record), record["version"])
+
+
+def _listed(record: asyncpg.Record) -> StoredConversation:
+    """A row read with the `_LISTED` columns: its metadata is JSON text, to be sent as it is."""
+    resource = resource_of(record)
+    resource["metadata"] = orjson.Fragment(resource["metadata"])
+    return StoredConversation(resource, record["version"])
 
 
 def _event(first: int) -> str:
@@ -343,7 +355,8 @@ def list_query(
 
     if not filters.metadata:
         return (
-            f"SELECT {_COLUMNS} FROM conversations WHERE {' AND '.join(walk + row)} "
+            f"SELECT {', '.join(_LISTED)}, version FROM conversations "
+            f"WHERE {' AND '.join(walk + row)} "
             f"{order} LIMIT {param(limit)}"
         ), args
 
@@ -366,7 +379,7 @@ def list_query(
             f"LIMIT {LABEL_COUNT_CAP}) AS capped), key LIMIT 1)"
         )
     lookup = " AND ".join(["account_id = l.account_id", "id = l.id", *row])
-    columns = ", ".join(f"c.{column}" for column in (*RESOURCE_FIELDS, "version"))
+    columns = ", ".join(f"c.{column}" for column in (*_LISTED, "version"))
     return (
         f"SELECT {columns} FROM conversation_labels AS l CROSS JOIN LATERAL "
         f"(SELECT {_COLUMNS} FROM conversations WHERE {lookup} LIMIT 1) AS c "
@@ -384,7 +397,8 @@ async def list_page(
     after: Position | None = None,
     before: Position | None = None,
 ) -> list[StoredConversation]:
-    """Up to `limit` conversations in the direction of travel, in `sort` order.
+    """Up to `limit` conversations in the direction of travel, in `sort` order (each one's
+    metadata as JSON text in an `orjson.Fragment`, for the response).
 
     `after` walks on in the order (keys below the position, descending), `before` back (keys
     above it, ascending, so the nearest come first; the caller reverses). Keyset on an index of
@@ -394,4 +408,4 @@ async def list_page(
         account_id, filters, sort=sort, limit=limit, after=after, before=before
     )
     records = await conn.fetch(query, *args)
-    return [_stored(record) for record in records]
+    return [_listed(record) for record in records]
