@@ -673,9 +673,15 @@ def test_a_query_string_is_loaded_once_and_each_caller_gets_its_own_dict(monkeyp
             load("limit=0")
     assert len(loads) == 3
     assert len(bodies._loaded_queries) == 1
+    # One walk's own query strings (a cursor, a sync token) are never kept.
+    cursor = "0000000000000000"
+    for _ in range(2):
+        assert load(f"limit=5&starting_after={cursor}")["starting_after"].id == cursor
+    assert len(loads) == 5
+    assert len(bodies._loaded_queries) == 1
     # Bounded: full, it starts over.
     load("limit=6")
     load("limit=7")
     assert len(bodies._loaded_queries) == 1
     assert load("limit=7")["limit"] == 7
-    assert len(loads) == 5
+    assert len(loads) == 7
