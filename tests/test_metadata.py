@@ -164,11 +164,20 @@ async def test_each_bad_key_and_value_gets_its_own_message(client, headers, db):
 async def test_the_limits_themselves_are_allowed(client, headers):
     # 40-character keys of every allowed character; 500 code points (multi-byte in UTF-8).
     key = ("Az09_.:-" * 5)[:40]
-    metadata = {key: "é" * 500, "emoji": "🙂" * 500}
-    metadata |= {f"k{n}": "v" for n in range(18)}
+    # 2,000 bytes that do not compress: each pair is also an index entry (conversation_labels),
+    # and must fit one whole.
+    emoji = "".join(chr(0x1F300 + n * 7919 % 1536) for n in range(500))
+    metadata = {key: "é" * 500, "emoji": "🙂" * 500, f"{key[:-1]}x": emoji}
+    metadata |= {f"k{n}": "v" for n in range(17)}
     created = await create(client, headers, contact_id="c1", metadata=metadata)
     assert created["metadata"] == metadata
     assert len(created["metadata"]) == 20
+    for sort in ("-created_at", "-last_active_at"):
+        resp = await client.get(
+            URL, params={"sort": sort, f"metadata[{key[:-1]}x]": emoji}, headers=headers
+        )
+        assert resp.status == 200, await resp.text()
+        assert [c["id"] for c in (await resp.json())["data"]] == [created["id"]]
 
 
 async def test_twenty_keys_at_most_after_the_merge(client, headers, db):

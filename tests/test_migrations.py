@@ -130,6 +130,7 @@ async def test_the_schema_is_what_the_service_expects(conn):
     }
     assert tables == {
         "conversations",
+        "conversation_labels",
         "conversation_tombstones",
         "conversation_tombstones_removed",
         "idempotency_keys",
@@ -273,8 +274,19 @@ async def test_the_schema_is_what_the_service_expects(conn):
     assert definitions["conversations_unread_id_idx"].endswith(
         f"{using} btree (account_id, id DESC) {unread}"
     )
-    assert definitions["conversations_metadata_idx"].endswith(
-        f"{using} gin (account_id, metadata jsonb_path_ops)"
+    # 0007 replaced the GIN index of metadata by the labels' two orders.
+    assert "conversations_metadata_idx" not in definitions
+    assert index("conversation_labels_pkey") == (
+        "conversation_labels",
+        True,
+        ["account_id", "key", "value", "id"],
+        None,
+    )
+    assert index("conversation_labels_activity_idx") == (
+        "conversation_labels",
+        False,
+        ["account_id", "key", "value", "activity", "id"],
+        None,
     )
     # Keys are per account; housekeeping scans by expiry (BRIN: rows arrive in expiry order).
     assert index("idempotency_keys_pkey") == (
@@ -314,6 +326,58 @@ async def test_the_partitions_migration_gives_pending_events_their_partition(con
     assert [r["partition"] for r in pending] == [r["hashed"] for r in pending]
     assert len({r["partition"] for r in pending}) > 1
     assert {r["partition"] for r in rows if r["published_at"] is not None} == {0}
+
+
+# Every label the conversations' metadata implies, and every label stored; equal when in step.
+IMPLIED_LABELS = """
+    SELECT c.account_id, m.key, m.value, COALESCE(c.last_active_at, -1) AS activity, c.id
+    FROM conversations AS c, jsonb_each_text(c.metadata) AS m ORDER BY 1, 2, 3, 5"""
+STORED_LABELS = (
+    "SELECT account_id, key, value, activity, id FROM conversation_labels ORDER BY 1, 2, 3, 5"
+)
+
+
+async def test_the_labels_migration_labels_the_conversations_written_before_it(conn):
+    await migrate(conn, migrations=tuple(m for m in load_migrations() if m.version < "0007"))
+    await conn.execute(
+        """INSERT INTO conversations (account_id, id, contact_id, created_at, last_active_at,
+                                      metadata)
+           SELECT 'a' || n % 2, lpad(n::text, 16, '0'), 'c' || n, 0,
+                  CASE WHEN n % 3 > 0 THEN n END,
+                  CASE WHEN n % 4 = 0 THEN '{}'
+                       ELSE jsonb_build_object('team', 't' || n % 5, 'k' || n, 'v') END
+           FROM generate_series(1, 40) AS n"""
+    )
+    await migrate(conn)
+    implied = await conn.fetch(IMPLIED_LABELS)
+    assert len(implied) == 60
+    assert await conn.fetch(STORED_LABELS) == implied
+
+
+async def test_the_labels_follow_every_write_of_the_conversations(conn):
+    """Inserts, updates of metadata, of activity, of neither, and deletes, plain SQL: the
+    triggers keep the labels those rows imply, and only those."""
+    await migrate(conn)
+    await conn.execute(
+        """INSERT INTO conversations (account_id, id, contact_id, created_at, last_active_at,
+                                      metadata)
+           SELECT 'a', lpad(n::text, 16, '0'), 'c' || n, 0, CASE WHEN n % 2 = 0 THEN n END,
+                  CASE WHEN n % 3 = 0 THEN '{}' ELSE jsonb_build_object('x', 'y' || n) END
+           FROM generate_series(1, 30) AS n"""
+    )
+    steps = [
+        "UPDATE conversations SET metadata = metadata || '{\"z\": \"1\"}' WHERE id < '0000000000000010'",
+        "UPDATE conversations SET metadata = metadata - 'x' WHERE id > '0000000000000025'",
+        "UPDATE conversations SET last_active_at = 999 WHERE id::int % 4 = 1",
+        "UPDATE conversations SET last_active_at = NULL WHERE id::int % 5 = 0",
+        "UPDATE conversations SET is_muted = true",
+        "UPDATE conversations SET metadata = '{}' WHERE id::int % 7 = 0",
+        "DELETE FROM conversations WHERE id::int % 6 = 1",
+    ]
+    for step in steps:
+        await conn.execute(step)
+        assert await conn.fetch(STORED_LABELS) == await conn.fetch(IMPLIED_LABELS), step
+    assert await conn.fetchval("SELECT count(*) FROM conversation_labels") > 10
 
 
 async def test_the_schema_enforces_order_and_uniqueness(conn):

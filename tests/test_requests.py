@@ -4,8 +4,11 @@ import re
 from urllib.parse import quote
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
+from marshmallow import ValidationError
 
 from schemas.fields import MAX_TIMESTAMP
+from service.api import bodies, handlers
 from tests.error_bodies import error_body
 
 URL = "/v1/conversations"
@@ -641,3 +644,44 @@ async def test_refused_writes_change_nothing(client, headers, db):
     }
     assert await db.fetchval("select count(*) from outbox") == outbox_before
     assert await db.fetchval("select count(*) from conversations") == 1
+
+
+# --- loaded query strings are kept -----------------------------------------------------------
+
+
+def test_a_query_string_is_loaded_once_and_each_caller_gets_its_own_dict(monkeypatch):
+    monkeypatch.setattr(bodies, "_loaded_queries", {})
+    monkeypatch.setattr(bodies, "QUERY_CACHE_SIZE", 2)
+    loads = []
+    schema = handlers._list_query_schema
+    monkeypatch.setattr(
+        schema, "load", lambda data: loads.append(data) or type(schema).load(schema, data)
+    )
+
+    def load(query: str) -> dict:
+        return bodies.load_query(schema, make_mocked_request("GET", f"/v1/conversations?{query}"))
+
+    first = load("limit=5&metadata%5Bteam%5D=sales")
+    first["limit"] = 99  # a caller's own dict: the next caller never sees this
+    again = load("limit=5&metadata%5Bteam%5D=sales")
+    assert again["limit"] == 5
+    assert again["metadata"] == {"team": "sales"}
+    assert len(loads) == 1
+    # Refused ones are refused every time, never kept.
+    for _ in range(2):
+        with pytest.raises(ValidationError):
+            load("limit=0")
+    assert len(loads) == 3
+    assert len(bodies._loaded_queries) == 1
+    # One walk's own query strings (a cursor, a sync token) are never kept.
+    cursor = "0000000000000000"
+    for _ in range(2):
+        assert load(f"limit=5&starting_after={cursor}")["starting_after"].id == cursor
+    assert len(loads) == 5
+    assert len(bodies._loaded_queries) == 1
+    # Bounded: full, it starts over.
+    load("limit=6")
+    load("limit=7")
+    assert len(bodies._loaded_queries) == 1
+    assert load("limit=7")["limit"] == 7
+    assert len(loads) == 7

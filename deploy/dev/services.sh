@@ -264,6 +264,10 @@ listen_addresses = '127.0.0.1'
 port = $PG_PORT
 unix_socket_directories = '$PG_DIR'
 max_connections = 200
+# Room for a benchmark account of a million conversations and its indexes (about 600 MB), as
+# a production server would have: a deep page then reads cached pages, not the OS's. Allocated
+# only as it is used.
+shared_buffers = 1GB
 # Throwaway local data: speed over crash safety.
 fsync = off
 synchronous_commit = off

@@ -54,9 +54,31 @@ def _objects(schema: Schema, values: dict[str, str]) -> dict[str, Any]:
     return {**loaded, **objects}
 
 
-def load_query(schema: Schema, query: MultiMapping[str]) -> dict[str, Any]:
-    """The query string, validated by `schema` (a ValidationError becomes a 422)."""
-    return schema.load(_objects(schema, _single_values(query)))
+# Query strings already loaded, by schema and raw query string. The same few come again and
+# again from every account (a first page, an inbox's poll), and loading one costs a list page
+# about as much as its SELECT. Cleared when full; refused query strings are never kept, nor
+# those with a cursor or a sync token: each is one walk's own, and would only churn the rest.
+QUERY_CACHE_SIZE = 1024
+_ONE_WALKS = ("starting_after", "ending_before", "since")
+_loaded_queries: dict[tuple[Schema, str], dict[str, Any]] = {}
+
+
+def load_query(schema: Schema, request: web.Request) -> dict[str, Any]:
+    """The request's query string, validated by `schema` (a ValidationError becomes a 422).
+
+    A new dict each time; the values in it are shared with other requests: read, never change.
+    """
+    key = (schema, request.rel_url.raw_query_string)
+    loaded = _loaded_queries.get(key)
+    if loaded is None:
+        query = request.query
+        loaded = schema.load(_objects(schema, _single_values(query)))
+        if any(name in query for name in _ONE_WALKS):
+            return loaded
+        if len(_loaded_queries) >= QUERY_CACHE_SIZE:
+            _loaded_queries.clear()
+        _loaded_queries[key] = loaded
+    return dict(loaded)
 
 
 async def read_body(request: web.Request, schema: Schema) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def _traceparent(request: web.Request) -> str | None:
 
 async def list_conversations(request: web.Request) -> web.Response:
     """GET /v1/conversations: a page in the order asked for (newest first by default)."""
-    query = load_query(_list_query_schema, request.query)
+    query = load_query(_list_query_schema, request)
     if "starting_after" in query and "ending_before" in query:
         raise ApiError(400, "Use starting_after or ending_before, not both.", param="ending_before")
     page = await operations.list_page(
@@ -130,7 +130,7 @@ def _cursor(sort: cursor.Sort, item: dict[str, Any]) -> str:
 
 async def list_changes(request: web.Request) -> web.Response:
     """GET /v1/conversations/changes: the account's changes since a token (delta sync)."""
-    query = load_query(_changes_query_schema, request.query)
+    query = load_query(_changes_query_schema, request)
     try:
         page = await sync.changes(
             request.app[DB_POOL],

@@ -36,6 +36,11 @@ WRITABLE_FIELDS = (
     "metadata",
 )
 _COLUMNS = ", ".join(RESOURCE_FIELDS) + ", version"
+# A listed page goes straight into its response: its metadata is read as the JSON text
+# PostgreSQL writes and passed on as it is (orjson.Fragment), never decoded and encoded again.
+_LISTED = [
+    f"{field}::text AS {field}" if field == "metadata" else field for field in RESOURCE_FIELDS
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,13 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 def _stored(record: asyncpg.Record) -> StoredConversation:
     return StoredConversation(resource_of(record), record["version"])
+
+
+def _listed(record: asyncpg.Record) -> StoredConversation:
+    """A row read with the `_LISTED` columns: its metadata is JSON text, to be sent as it is."""
+    resource = resource_of(record)
+    resource["metadata"] = orjson.Fragment(resource["metadata"])
+    return StoredConversation(resource, record["version"])
 
 
 def _event(first: int) -> str:
@@ -283,6 +295,11 @@ ACTIVITY_KEY = "COALESCE(last_active_at, -1)"
 UNREAD = "last_active_at > COALESCE(last_opened_at, -1)"
 
 
+# A filter on several metadata pairs walks the labels of the one with the fewest rows, counted
+# up to this many (index entries only): past it, the filter's first pair in key order.
+LABEL_COUNT_CAP = 1000
+
+
 def list_query(
     account_id: str,
     filters: ListFilter,
@@ -293,50 +310,81 @@ def list_query(
     before: Position | None = None,
 ) -> tuple[str, list[object]]:
     """The SELECT of `list_page` and its arguments (tests EXPLAIN it)."""
-    conditions = ["account_id = $1"]
     args: list[object] = [account_id]
 
     def param(value: object) -> str:
         args.append(value)
         return f"${len(args)}"
 
+    # What the row itself must be.
+    row: list[str] = []
+    if filters.archived is not None:
+        row.append("archived_at IS NOT NULL" if filters.archived else "archived_at IS NULL")
+    if filters.muted is not None:
+        row.append(f"is_muted = {param(filters.muted)}")
+    if filters.pinned is not None:
+        row.append(f"is_pinned = {param(filters.pinned)}")
+    if filters.contact_id is not None:
+        row.append(f"contact_id = {param(filters.contact_id)}")
+    if filters.group_id is not None:
+        row.append(f"group_id = {param(filters.group_id)}")
+    if filters.unread is not None:
+        row.append(UNREAD if filters.unread else f"({UNREAD}) IS NOT TRUE")
+
+    # The order's key: the row's own, or its label's (which holds both orders' keys).
+    activity, id_ = ("l.activity", "l.id") if filters.metadata else (ACTIVITY_KEY, "id")
     if sort is Sort.CREATED:
-        key, order_by = "id", ("id",)
+        key, order_by = id_, (id_,)
 
         def place(position: Position) -> str:
             return param(position.id)
     else:
-        key, order_by = f"({ACTIVITY_KEY}, id)", (ACTIVITY_KEY, "id")
+        key, order_by = f"({activity}, {id_})", (activity, id_)
 
         def place(position: Position) -> str:
             time = -1 if position.last_active_at is None else position.last_active_at
             return f"({param(time)}, {param(position.id)})"
 
+    walk = ["account_id = $1" if not filters.metadata else "l.account_id = $1"]
     if after is not None:
-        conditions.append(f"{key} < {place(after)}")
+        walk.append(f"{key} < {place(after)}")
     if before is not None:
-        conditions.append(f"{key} > {place(before)}")
-    if filters.archived is not None:
-        conditions.append("archived_at IS NOT NULL" if filters.archived else "archived_at IS NULL")
-    if filters.muted is not None:
-        conditions.append(f"is_muted = {param(filters.muted)}")
-    if filters.pinned is not None:
-        conditions.append(f"is_pinned = {param(filters.pinned)}")
-    if filters.contact_id is not None:
-        conditions.append(f"contact_id = {param(filters.contact_id)}")
-    if filters.group_id is not None:
-        conditions.append(f"group_id = {param(filters.group_id)}")
-    if filters.unread is not None:
-        conditions.append(UNREAD if filters.unread else f"({UNREAD}) IS NOT TRUE")
-    if filters.metadata:
-        conditions.append(f"metadata @> {param(filters.metadata)}::jsonb")
+        walk.append(f"{key} > {place(before)}")
     direction = "ASC" if before is not None else "DESC"
-    query = (
-        f"SELECT {_COLUMNS} FROM conversations WHERE {' AND '.join(conditions)} "
-        f"ORDER BY {', '.join(f'{column} {direction}' for column in order_by)} "
-        f"LIMIT {param(limit)}"
-    )
-    return query, args
+    order = f"ORDER BY {', '.join(f'{column} {direction}' for column in order_by)}"
+
+    if not filters.metadata:
+        return (
+            f"SELECT {', '.join(_LISTED)}, version FROM conversations "
+            f"WHERE {' AND '.join(walk + row)} "
+            f"{order} LIMIT {param(limit)}"
+        ), args
+
+    # A metadata-filtered page walks one pair's labels in the order's index
+    # (0007_metadata_labels.sql): only rows that have that value, already in order. Each is then
+    # read by its key and checked against the other filters (its LIMIT, one row by the key
+    # anyway, keeps that lookup inside the walk: no estimate can turn the plan into a scan of
+    # the account and a sort).
+    pairs = filters.metadata
+    if len(pairs) == 1:
+        [(label_key, label_value)] = pairs.items()
+        walk.append(f"l.key = {param(label_key)} AND l.value = {param(label_value)}")
+    else:
+        wanted = param(pairs)
+        row.append(f"metadata @> {wanted}::jsonb")
+        walk.append(
+            f"(l.key, l.value) = (SELECT key, value FROM jsonb_each_text({wanted}::jsonb) AS pair "
+            "ORDER BY (SELECT count(*) FROM (SELECT FROM conversation_labels AS r "
+            "WHERE r.account_id = $1 AND r.key = pair.key AND r.value = pair.value "
+            f"LIMIT {LABEL_COUNT_CAP}) AS capped), key LIMIT 1)"
+        )
+    lookup = " AND ".join(["account_id = l.account_id", "id = l.id", *row])
+    columns = ", ".join(f"c.{column}" for column in (*_LISTED, "version"))
+    return (
+        f"SELECT {columns} FROM conversation_labels AS l CROSS JOIN LATERAL "
+        f"(SELECT {_COLUMNS} FROM conversations WHERE {lookup} LIMIT 1) AS c "
+        f"WHERE {' AND '.join(walk)} {order} LIMIT {param(limit)}"
+    ), args
 
 
 async def list_page(
@@ -349,7 +397,8 @@ async def list_page(
     after: Position | None = None,
     before: Position | None = None,
 ) -> list[StoredConversation]:
-    """Up to `limit` conversations in the direction of travel, in `sort` order.
+    """Up to `limit` conversations in the direction of travel, in `sort` order (each one's
+    metadata as JSON text in an `orjson.Fragment`, for the response).
 
     `after` walks on in the order (keys below the position, descending), `before` back (keys
     above it, ascending, so the nearest come first; the caller reverses). Keyset on an index of
@@ -358,11 +407,5 @@ async def list_page(
     query, args = list_query(
         account_id, filters, sort=sort, limit=limit, after=after, before=before
     )
-    if filters.metadata:
-        # Planned afresh with the filter's value, never from a cached generic plan: a rare value
-        # is best found in the GIN index, a common one by walking the order's index.
-        statement = await conn.prepare(query)
-        records = await statement.fetch(*args)
-    else:
-        records = await conn.fetch(query, *args)
-    return [_stored(record) for record in records]
+    records = await conn.fetch(query, *args)
+    return [_listed(record) for record in records]

@@ -62,17 +62,18 @@ WHY_MISSED = {
     "list_vs_get": (
         "A page is 11 rows through the same layers plus marshmallow loading the query string "
         "and 10 objects to encode: the query-schema load and the per-row dict building are "
-        "the extra cost over a GET by id. Since the inbox work every row also carries its "
-        "metadata (jsonb, a third of the large account's rows have some), which PostgreSQL "
-        "writes out as text and the worker decodes and encodes again: about 8% of a page's "
-        "cost measured alone (235 against 217 us a page on one connection), which took this "
-        "ratio from about 0.64 to 0.58 on this machine."
+        "the extra cost over a GET by id. The worker keeps the query strings it loaded without "
+        "a cursor (a first page comes again from every client), and passes each row's metadata "
+        "on as the JSON text PostgreSQL wrote (never decoded and encoded again); what is left "
+        "is the rows themselves: PostgreSQL reads 11 instead of 1, and the worker builds and "
+        "encodes them."
     ),
     "deep_vs_first": (
         "Keyset pagination is one index descent at any depth, so a deep page should cost what "
         "the first does; a ratio well off 1 in one run and near 1 in the next is interference "
         "from other work on the machine (look at the two runs' p99s), a steady one would point "
-        "at the cursor's handling (marshmallow validation, the second condition in the query)."
+        "at the cursor's handling (its query string is loaded afresh each time, where the first "
+        "page's is kept, and the second condition in the query)."
     ),
     "inbox_first_vs_first": (
         "The activity order's first page is one range scan of its own index, as the default "
@@ -81,14 +82,15 @@ WHY_MISSED = {
     ),
     "inbox_deep_vs_first": (
         "A deep page is one index descent to the cursor's position, at any depth; it also "
-        "decodes the cursor. A gap in one run and none in the next is interference."
+        "decodes the cursor and loads its query string afresh (the first page's is kept: a "
+        "query string with a cursor is one walk's own). A gap in one run and none in the next "
+        "is interference."
     ),
     "inbox_metadata_vs_first": (
-        "A value on 1% of the account: PostgreSQL walks the activity index and checks each "
-        "row's metadata (about 100 rows, and their heap pages, per row shown), or, for rarer "
-        "values, reads the GIN index and sorts what it found. The metadata-filtered query is "
-        "also prepared afresh each time (a second round trip) so that it is planned for its "
-        "value; docs/architecture.md has the plans."
+        "A value on 1% of the account: the page walks that value's labels in activity order "
+        "(conversation_labels, one index range) and looks each conversation up by its key, so "
+        "it reads only rows it shows; the lookup is the extra cost over the first page, whose "
+        "rows come with the index scan. docs/architecture.md has the plans."
     ),
     "inbox_unread_vs_first": (
         "unread=true reads the partial index of the unread conversations, which holds them in "
@@ -254,6 +256,7 @@ make bench                               # the full run (about 12 minutes here);
 BENCH_QUICK=1 make bench                 # a short run (about 3 minutes): less data, 5 s runs
 BENCH_QUICK=1 BENCH_PROFILE=1 make bench # the short run with the profile (the full run has it)
 BENCH_QUICK=1 BENCH_ONLY="sync writes" make bench  # only these scenarios; prints, keeps this file
+                                         # (alone: inbox, sync, writes, relays)
 ```
 
 It needs what `make run` needs (it starts the local PostgreSQL and RabbitMQ the same way), and

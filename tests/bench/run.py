@@ -491,6 +491,14 @@ async def scenario_inbox(bench: Bench, server: Server, first: Measurement) -> No
         bench.check(latency_check(key, label, measured, first, maximum))
 
 
+async def scenario_inbox_alone(bench: Bench, server: Server) -> None:
+    """Scenario 6 with the page it is measured against (scenario 2's first page) and nothing
+    else: for `--only inbox`."""
+    seconds = bench.plan.seconds
+    first = await measure(bench, server, "2", "service list, first page", "list_first.lua", seconds)
+    await scenario_inbox(bench, server, first)
+
+
 async def scenario_writes(bench: Bench, server: Server) -> None:
     """Scenario 3: POST (also with an Idempotency-Key) and PUT against pgbench running the
     same transactions."""
@@ -718,6 +726,7 @@ def _others(drain: SharedDrain) -> str:
 
 # Scenarios that `--only` can run alone, against the service only (no peers, no document).
 ALONE: dict[str, Callable[[Bench, Server], Awaitable[None]]] = {
+    "inbox": scenario_inbox_alone,
     "writes": scenario_writes,
     "sync": scenario_sync,
 }
