@@ -328,7 +328,8 @@ $commands
    harness POSTs at a steady 500/s for 15 s (5 s in quick mode; an open-loop pacer: sends
    never wait for answers) while a subscriber bound to `conversation.created` times each
    event from the POST's send to its receipt; the POST's own answer is timed too, to tell the
-   request's share from the relay's.
+   request's share from the relay's. `--only relay` runs this scenario alone, on a fresh
+   outbox (in the full run the writes' events came before it).
 5. **Mixed.** 80% GET by id, 10% POST, 10% PUT for 60 s (15 s in quick mode), while a
    sampler counts the pending outbox rows every second. No request may fail, the backlog must
    stay bounded (no sustained growth: the mean over the run's last quarter within one relay
