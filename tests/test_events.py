@@ -12,6 +12,7 @@ import uuid
 from urllib.parse import urlsplit
 
 import aio_pika
+import asyncpg
 import orjson
 import pytest
 
@@ -20,7 +21,7 @@ from schemas.event import EventSchema
 from service.api.app import create_app
 from service.backoff import Backoff
 from service.events.broker import Broker
-from service.events.relay import SELECT_PENDING, SELECT_PENDING_OF, Relay
+from service.events.relay import SELECT_PENDING, SELECT_PENDING_OF, SESSION_SETTINGS, Relay
 from service.events.tail import tail
 from tests.events_support import amqp_url, pending_is, running_relay, wait_until
 from tests.proxy import TcpProxy, free_port, via_port
@@ -440,3 +441,32 @@ async def test_the_next_batch_starts_at_the_oldest_pending_row_not_after_the_las
     rows = await db.fetch(SELECT_PENDING_OF, 10, [2], held)
     assert [row["id"] for row in rows] == expected
     assert expected[0] == 1
+
+
+async def test_a_backlog_is_read_through_the_index_after_the_relay_polled_an_empty_outbox(
+    db, db_url
+):
+    # Seen in a benchmark: the relay's session polled an empty outbox, vacuumed as such (as
+    # autovacuum leaves one that retention emptied), PostgreSQL cached a generic plan for its
+    # read (a scan and a sort: the table had no pages) and kept it for a backlog of 100,000
+    # rows, 0.1 to 0.35 s a batch, until autovacuum analyzed the table again.
+    await db.execute("VACUUM ANALYZE outbox")
+    relay = await asyncpg.connect(db_url, server_settings=SESSION_SETTINGS)  # as the relay's
+    try:
+        await relay.execute(f"PREPARE pending (int, bigint[]) AS {SELECT_PENDING}")
+        for _ in range(10):  # past the 5 runs after which PostgreSQL may settle on a plan
+            await relay.execute("EXECUTE pending (500, '{}')")
+        await db.execute(
+            """
+            INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence,
+                                payload)
+            SELECT 'evt_' || lpad(n::text, 16, '0'), 'conversation.updated', 'a', 'c' || n, 1, '{}'
+            FROM generate_series(1, 20000) AS n
+            """
+        )
+        plan = "\n".join(r[0] for r in await relay.fetch("EXPLAIN EXECUTE pending (500, '{1}')"))
+    finally:
+        await relay.close()
+    assert "Index Scan using outbox_pending_idx" in plan, plan
+    assert "Seq Scan" not in plan, plan
+    assert "Sort" not in plan, plan
