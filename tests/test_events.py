@@ -21,7 +21,7 @@ from schemas.event import EventSchema
 from service.api.app import create_app
 from service.backoff import Backoff
 from service.events.broker import Broker
-from service.events.relay import SELECT_PENDING, SELECT_PENDING_OF, SESSION_SETTINGS, Relay
+from service.events.relay import SELECT_PENDING, SESSION_SETTINGS, Relay, select_pending_of
 from service.events.tail import tail
 from tests.events_support import amqp_url, pending_is, running_relay, wait_until
 from tests.proxy import TcpProxy, free_port, via_port
@@ -438,7 +438,7 @@ async def test_the_next_batch_starts_at_the_oldest_pending_row_not_after_the_las
             held,
         )
     ]
-    rows = await db.fetch(SELECT_PENDING_OF, 10, [2], held)
+    rows = await db.fetch(select_pending_of(len(held)), 10, [2], *held)
     assert [row["id"] for row in rows] == expected
     assert expected[0] == 1
 

@@ -13,6 +13,7 @@ again (same message_id), never loses them.
 """
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -63,39 +64,40 @@ SESSION_SETTINGS = {
     "tcp_keepalives_count": "3",
 }
 
+COLUMNS = (
+    "id, event_id, event_type, account_id, conversation_id, partition, payload, traceparent, "
+    "created_at"
+)
 # Always from the oldest pending row, skipping only the batch in flight: a row that commits late
 # with a lower id is still published before any later event of its conversation. A relay that
 # holds every partition reads them all in id order.
-SELECT_PENDING = """
-SELECT id, event_id, event_type, account_id, conversation_id, partition, payload, traceparent,
-       created_at
+SELECT_PENDING = f"""
+SELECT {COLUMNS}
 FROM outbox
 WHERE published_at IS NULL AND NOT (id = ANY($2::bigint[]))
 ORDER BY id
 LIMIT $1
-"""
-# A relay holding some partitions reads the oldest pending rows of each (an index range per
-# partition, whatever the others' backlog), then the oldest of those: each partition's rows
-# in order, which is the only order that matters.
-SELECT_PENDING_OF = """
-SELECT id, event_id, event_type, account_id, conversation_id, partition, payload, traceparent,
-       created_at
-FROM outbox
-WHERE id IN (
-    SELECT oldest.id
-    FROM unnest($3::int[]) AS held(partition)
-    CROSS JOIN LATERAL (
-        SELECT id FROM outbox
-        WHERE published_at IS NULL AND partition = held.partition
-          AND NOT (id = ANY($2::bigint[]))
-        ORDER BY partition, id  -- the index's order: a range of it, not a filtered id scan
-        LIMIT $1
-    ) AS oldest
-    ORDER BY oldest.id
-    LIMIT $1
-)
-ORDER BY id
-"""
+"""  # noqa: S608  # a constant column list; values are $n parameters
+
+
+@functools.cache
+def select_pending_of(partitions: int) -> str:
+    """The read of a relay holding `partitions` of the partitions (their numbers are $3, $4,
+    ...): the same rows as SELECT_PENDING, of those partitions only.
+
+    Each partition's pending rows are a range of its index, in id order; PostgreSQL merges the
+    ranges (a Merge Append) and stops once it has the batch, so a read costs what the batch
+    takes, whatever the other partitions' backlog, plus an index descent per partition.
+    """
+    # A constant column list and parameter numbers; every value is a $n parameter.
+    ranges = "\n    UNION ALL\n    ".join(
+        f"(SELECT {COLUMNS} FROM outbox WHERE published_at IS NULL AND partition = ${number}"  # noqa: S608
+        " AND NOT (id = ANY($2::bigint[])) ORDER BY id LIMIT $1)"
+        for number in range(3, 3 + partitions)
+    )
+    return f"SELECT {COLUMNS}\nFROM (\n    {ranges}\n) AS pending\nORDER BY id\nLIMIT $1"
+
+
 MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])"
 DELETE_PUBLISHED = """
 DELETE FROM outbox
@@ -306,7 +308,7 @@ class Relay:
         if len(partitions) == self._partition_count:
             select, held = SELECT_PENDING, []
         else:
-            select, held = SELECT_PENDING_OF, [partitions]
+            select, held = select_pending_of(len(partitions)), partitions
         rows = await conn.fetch(select, batch_size, [], *held)
         unmarked: list[int] = []
         more = False
