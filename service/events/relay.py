@@ -182,6 +182,7 @@ class Relay:
         self._offset = random.randrange(1024)  # noqa: S311  # spreading, not cryptography
         self.partitions: tuple[int, ...] = ()
         self._partition_count = 0  # P, as of the last rebalance
+        self._rebalance_at = 0.0  # when the shares are next looked at (time.monotonic())
         self.published = 0
 
     @property
@@ -222,7 +223,6 @@ class Relay:
         broker_backoff = self._backoff()
         joined = False
         last_cleanup = 0.0
-        rebalance_at = 0.0
         while not self._stopping.is_set():
             wake.clear()
             generation = self._broker.generation
@@ -237,12 +237,11 @@ class Relay:
                     await sleep_unless(self._stopping, STANDBY_RETRY_SECONDS)
                     continue
                 log.info("relay joined the relays")
-                joined, rebalance_at = True, 0.0
-            if time.monotonic() >= rebalance_at:
+                joined, self._rebalance_at = True, 0.0
+            if time.monotonic() >= self._rebalance_at:
                 await self.rebalance(conn)
-                rebalance_at = time.monotonic() + REBALANCE_INTERVAL_SECONDS
             try:
-                more = await self._drain(conn, rebalance_at)
+                more = await self._drain(conn)
             except BROKER_UNAVAILABLE as error:
                 await self._pause_for_broker(broker_backoff, generation, "publishing failed", error)
                 continue
@@ -253,7 +252,7 @@ class Relay:
                 await self.remove_published(conn)
                 last_cleanup = time.monotonic()
             if not more:
-                until_rebalance = max(0.0, rebalance_at - time.monotonic())
+                until_rebalance = max(0.0, self._rebalance_at - time.monotonic())
                 await self._wait(
                     wake, min(self._settings.relay_poll_interval_seconds, until_rebalance)
                 )
@@ -267,16 +266,21 @@ class Relay:
             log.info("relay released its partitions %s", list(self.partitions))
         self.partitions = ()
 
-    async def rebalance(self, conn: asyncpg.Connection) -> None:
-        """Keep a fair share of the partitions: ceil(P / live relays).
+    async def rebalance(self, conn: asyncpg.Connection, *, in_flight: bool = False) -> bool:
+        """Keep a fair share of the partitions, ceil(P / live relays); False if that means
+        releasing some while a batch is in flight (`in_flight`): nothing is changed then, and
+        the shares stay due, for the caller to try again once the batch is marked.
 
-        Runs between batches only, when nothing is in flight: a partition released here has
-        every confirmed row marked, and the relay taking it starts from its oldest pending row.
+        A partition is released only with nothing in flight: every confirmed row of it is
+        marked, and the relay taking it starts from its oldest pending row. Taking one is
+        safe at any time: this relay's next read starts from that partition's oldest row too.
         """
         shares = await conn.fetchrow(SHARES, RELAY_LOCK_KEY, PARTITION_LOCK_CLASS)
         count, relays, free = shares["partitions"], shares["relays"], shares["free"]
         share = -(-count // max(1, relays))
         keep = [p for p in self.partitions if p < count][:share]  # P may have been lowered
+        if in_flight and len(keep) < len(self.partitions):
+            return False
         for partition in self.partitions:
             if partition not in keep:
                 await conn.fetchval(RELEASE_PARTITION, PARTITION_LOCK_CLASS, partition)
@@ -291,25 +295,22 @@ class Relay:
             )
         self.partitions = tuple(sorted(keep))
         self._partition_count = count
+        self._rebalance_at = time.monotonic() + REBALANCE_INTERVAL_SECONDS
+        return True
 
-    async def _drain(self, conn: asyncpg.Connection, until: float) -> bool:
-        """Publish batches of this relay's partitions until none is pending, or `until` (the
-        next rebalance) has passed; True if rows may remain.
+    async def _drain(self, conn: asyncpg.Connection) -> bool:
+        """Publish batches of this relay's partitions until none is pending, or its share must
+        shrink; True if rows may remain.
 
         While the broker confirms a batch, the database work around it runs on `conn`: the
-        previous batch is marked and the next one read (all pending rows but the batch in
-        flight). A batch goes out only once the one before it is confirmed, so the broker
-        receives events in outbox order.
+        previous batch is marked, the shares are looked at when due, and the next batch is
+        read (all pending rows but the batch in flight). A batch goes out only once the one
+        before it is confirmed, so the broker receives events in outbox order.
         """
         if not self.partitions:
             return False
         batch_size = self._settings.relay_batch_size
-        partitions = list(self.partitions)
-        if len(partitions) == self._partition_count:
-            select, held = SELECT_PENDING, []
-        else:
-            select, held = select_pending_of(len(partitions)), partitions
-        rows = await conn.fetch(select, batch_size, [], *held)
+        rows = await self._read(conn, [])
         unmarked: list[int] = []
         more = False
         while rows:
@@ -319,9 +320,10 @@ class Relay:
                     await self.mark_published(conn, unmarked)
                     unmarked = []
                 more = len(rows) == batch_size
-                go_on = more and not self._stopping.is_set() and time.monotonic() < until
-                in_flight = [row["id"] for row in rows]
-                next_rows = await conn.fetch(select, batch_size, in_flight, *held) if go_on else []
+                go_on = more and not self._stopping.is_set()
+                if go_on and time.monotonic() >= self._rebalance_at:
+                    go_on = await self.rebalance(conn, in_flight=True)  # else: release after it
+                next_rows = await self._read(conn, [row["id"] for row in rows]) if go_on else []
             except BaseException:
                 await asyncio.gather(publishing, return_exceptions=True)  # let it settle
                 raise
@@ -334,6 +336,15 @@ class Relay:
         if unmarked:
             await self.mark_published(conn, unmarked)
         return more
+
+    async def _read(self, conn: asyncpg.Connection, in_flight: list[int]) -> list[asyncpg.Record]:
+        """The next batch: the oldest pending rows of this relay's partitions, but those in
+        flight."""
+        batch_size = self._settings.relay_batch_size
+        if len(self.partitions) == self._partition_count:
+            return await conn.fetch(SELECT_PENDING, batch_size, in_flight)
+        select = select_pending_of(len(self.partitions))
+        return await conn.fetch(select, batch_size, in_flight, *self.partitions)
 
     async def publish_batch(
         self, rows: list[asyncpg.Record]
