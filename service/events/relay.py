@@ -17,14 +17,16 @@ import functools
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import aio_pika
+import aiormq
 import asyncpg
 
 from service.backoff import Backoff, first_set, sleep_unless
 from service.errors import DATABASE_UNAVAILABLE
-from service.events.broker import BROKER_UNAVAILABLE, Broker
+from service.events.broker import BROKER_UNAVAILABLE, Broker, Outgoing
 from service.metrics import Metrics
 from service.settings import EventSettings
 
@@ -131,8 +133,12 @@ FROM outbox_settings AS s
 """
 
 
-def build_message(row: asyncpg.Record) -> aio_pika.Message:
-    """The AMQP message for an outbox row: the contract's properties and headers."""
+def build_message(row: asyncpg.Record) -> Outgoing:
+    """The AMQP message for an outbox row: the contract's properties and headers.
+
+    The properties are built as aio-pika's Message builds them (the same bytes on the wire,
+    priority 0 included), without the Message: it costs about ten times as much per event.
+    """
     headers: dict[str, str | int] = {
         "account_id": row["account_id"],
         "conversation_id": row["conversation_id"],
@@ -140,24 +146,31 @@ def build_message(row: asyncpg.Record) -> aio_pika.Message:
     }
     if row["traceparent"]:
         headers["traceparent"] = row["traceparent"]
-    return aio_pika.Message(
-        body=row["payload"].encode(),
-        message_id=row["event_id"],
-        type=row["event_type"],
-        timestamp=row["created_at"],
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        app_id=APP_ID,
-        headers=headers,  # type: ignore[arg-type]
+    return Outgoing(
+        row["event_type"],
+        row["payload"].encode(),
+        aiormq.spec.Basic.Properties(
+            content_type="application/json",
+            headers=headers,  # type: ignore[arg-type]
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
+            priority=0,
+            message_id=row["event_id"],
+            timestamp=row["created_at"],
+            message_type=row["event_type"],
+            app_id=APP_ID,
+        ),
     )
 
 
 def _record(metrics: Metrics, rows: list[asyncpg.Record], confirmed: int, seconds: float) -> None:
     """Count a batch: the first `confirmed` rows were confirmed, the rest failed."""
     metrics.publish_confirm_seconds.observe(seconds)
-    for index, row in enumerate(rows):
-        outcome = "confirmed" if index < confirmed else "failed"
-        metrics.events_published.labels(row["event_type"], outcome).inc()
+    counts = Counter(
+        (row["event_type"], "confirmed" if index < confirmed else "failed")
+        for index, row in enumerate(rows)
+    )
+    for (event_type, outcome), count in counts.items():
+        metrics.events_published.labels(event_type, outcome).inc(count)
 
 
 class Relay:
@@ -356,25 +369,12 @@ class Relay:
         and are published again, so per conversation nothing is ever overtaken for good.
         """
         started = time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                self._broker.publish(
-                    build_message(row), row["event_type"], PUBLISH_CONFIRM_TIMEOUT_SECONDS
-                )
-                for row in rows
-            ),
-            return_exceptions=True,
+        confirmed, failure = await self._broker.publish_batch(
+            [build_message(row) for row in rows], PUBLISH_CONFIRM_TIMEOUT_SECONDS
         )
-        confirmed = []
-        failure: BaseException | None = None
-        for row, result in zip(rows, results, strict=True):
-            if isinstance(result, BaseException):
-                failure = result
-                break
-            confirmed.append(row["id"])
         if self._metrics is not None:
-            _record(self._metrics, rows, len(confirmed), time.perf_counter() - started)
-        return confirmed, failure
+            _record(self._metrics, rows, confirmed, time.perf_counter() - started)
+        return [row["id"] for row in rows[:confirmed]], failure
 
     async def mark_published(self, conn: asyncpg.Connection, ids: list[int]) -> None:
         """Stamp rows as published: the broker has confirmed them."""
