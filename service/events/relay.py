@@ -4,12 +4,13 @@ Any number of relays share the outbox's P partitions (a partition is a hash of t
 conversation id, so one conversation's events share one). A relay publishes only the partitions
 it holds a PostgreSQL advisory lock for, on its own connection: at most one relay at a time per
 partition. Each relay also holds a shared "member" lock, so the live relays can be counted from
-pg_locks; every second each keeps a fair share, ceil(P / relays), releasing extras between
-batches and taking free partitions. A relay that dies ends its session, which frees its locks
-for the others; one that loses RabbitMQ leaves until it is back. A relay is woken by NOTIFY
-after each commit, polls as a fallback, publishes a batch with publisher confirms, and marks
-rows published only once the broker has confirmed them: a crash in between publishes them
-again (same message_id), never loses them.
+pg_locks; every second each keeps a fair share, ceil(P / relays), taking free partitions at
+once (also between the batches of a drain) and releasing extras only with no batch in flight.
+A relay that dies ends its session, which frees its locks for the others; one that loses
+RabbitMQ leaves until it is back. A relay is woken by NOTIFY after each commit, polls as a
+fallback, publishes a batch with publisher confirms, and marks rows published only once the
+broker has confirmed them: a crash in between publishes them again (same message_id), never
+loses them.
 """
 
 import asyncio
