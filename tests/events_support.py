@@ -56,18 +56,24 @@ class Subscriber:
 
 
 class RecordingBroker(Broker):
-    """A broker that notes each publish: (relay name, partition, start, end, message id)."""
+    """A broker that notes each confirmed publish: (relay name, partition, start, end, message
+    id), from the start of its batch to the end of the batch's confirms (so a span contains the
+    message's own)."""
 
     def __init__(self, url: str, exchange: str, log: list, name: str) -> None:
         super().__init__(url, exchange)
         self._log = log
         self._name = name
 
-    async def publish(self, message, routing_key, confirm_timeout) -> None:
+    async def publish_batch(self, messages, confirm_timeout) -> tuple[int, BaseException | None]:
         start = time.monotonic()
-        await super().publish(message, routing_key, confirm_timeout)
-        partition = message.headers["partition"]
-        self._log.append((self._name, partition, start, time.monotonic(), message.message_id))
+        confirmed, failure = await super().publish_batch(messages, confirm_timeout)
+        end = time.monotonic()
+        for message in messages[:confirmed]:
+            properties = message.properties
+            partition = properties.headers["partition"]
+            self._log.append((self._name, partition, start, end, properties.message_id))
+        return confirmed, failure
 
 
 @contextlib.asynccontextmanager

@@ -19,12 +19,13 @@ import pytest
 
 from service.events.broker import Broker, declare_topology
 from service.events.relay import (
+    JOIN,
     PARTITION_LOCK_CLASS,
     RELAY_LOCK_KEY,
-    SELECT_PENDING_OF,
     SESSION_SETTINGS,
     STANDBY_RETRY_SECONDS,
     Relay,
+    select_pending_of,
 )
 from tests.bench.relay import PARTITION_HOLDERS
 from tests.events_support import (
@@ -295,18 +296,71 @@ async def test_relays_wait_while_a_single_leader_relay_of_the_earlier_version_ru
     assert in_order(messages) == 0
 
 
-async def test_a_relay_with_some_partitions_reads_an_index_range_of_each(db, db_url):
+def _nodes(plan: dict) -> list[dict]:
+    """A JSON plan's node and every node under it."""
+    return [plan, *(node for child in plan.get("Plans", []) for node in _nodes(child))]
+
+
+async def test_a_relay_with_some_partitions_reads_no_more_than_its_batch(db, db_url):
     # Not a scan of every pending row: the others' backlog may be large (one stuck partition).
+    # Nor the oldest rows of each partition it holds before the batch's choice among them: a
+    # range of each partition's index, merged in id order, read only as far as the batch goes.
     await fill(db, conversations=2000, events_each=20)
     await db.execute("ANALYZE outbox")
+    held = [3, 7, 8, 12]
+    in_flight = [
+        r["id"]
+        for r in await db.fetch(
+            "SELECT id FROM outbox WHERE partition = ANY($1) ORDER BY id LIMIT 100", held
+        )
+    ]
     relay = await asyncpg.connect(db_url, server_settings=SESSION_SETTINGS)  # as the relay's
     try:
-        explained = await relay.fetch("EXPLAIN " + SELECT_PENDING_OF, 500, [], [3, 7])
+        explained = await relay.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + select_pending_of(len(held)),
+            200,
+            in_flight,
+            *held,
+        )
     finally:
         await relay.close()
-    plan = "\n".join(row[0] for row in explained)
-    assert "outbox_pending_partition_idx" in plan, plan
-    assert "Seq Scan on outbox" not in plan, plan
+    nodes = _nodes(orjson.loads(explained)[0]["Plan"])
+    kinds = [node["Node Type"] for node in nodes]
+    assert "Merge Append" in kinds, kinds
+    assert "Seq Scan" not in kinds, kinds
+    assert "Sort" not in kinds, kinds
+    scans = [node for node in nodes if node["Node Type"] == "Index Scan"]
+    assert {node["Index Name"] for node in scans} == {"outbox_pending_partition_idx"}
+    # The batch (200), and at most one row more from each range to know it comes later.
+    assert sum(node["Actual Rows"] for node in scans) <= 200 + len(held)
+    assert sum(node.get("Rows Removed by Filter", 0) for node in scans) == len(in_flight)
+
+
+async def test_mid_drain_a_relay_takes_free_partitions_but_releases_none(event_settings, db_url):
+    # The shares are looked at between the batches of a drain, with a batch in flight: taking
+    # a free partition is safe then (the next read starts at its oldest row), releasing one is
+    # not (the taker would publish the rows in flight again), so that waits for the batch.
+    broker = Broker(amqp_url(), event_settings.events.exchange)  # never connected: no publishing
+    a = Relay(db_url, broker, event_settings.events)
+    b = Relay(db_url, broker, event_settings.events)
+    conn_a = await asyncpg.connect(db_url, server_settings=SESSION_SETTINGS)
+    conn_b = await asyncpg.connect(db_url, server_settings=SESSION_SETTINGS)
+    try:
+        assert await conn_a.fetchval(JOIN, RELAY_LOCK_KEY)
+        assert await a.rebalance(conn_a, in_flight=True)  # alone: it takes them all
+        assert len(a.partitions) == PARTITIONS
+        assert await conn_b.fetchval(JOIN, RELAY_LOCK_KEY)
+        assert not await a.rebalance(conn_a, in_flight=True)  # over its share, batch in flight
+        assert len(a.partitions) == PARTITIONS
+        assert await b.rebalance(conn_b, in_flight=True)  # nothing free yet
+        assert b.partitions == ()
+        assert await a.rebalance(conn_a)  # the batch is marked: it releases its extras
+        assert len(a.partitions) == PARTITIONS // 2
+        assert await b.rebalance(conn_b, in_flight=True)  # and b takes them mid-drain
+        assert sorted(a.partitions + b.partitions) == list(range(PARTITIONS))
+    finally:
+        await conn_a.close()
+        await conn_b.close()
 
 
 async def test_the_partition_count_changes_only_with_nothing_pending(db):

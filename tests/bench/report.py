@@ -117,10 +117,11 @@ WHY_MISSED = {
     ),
     "relay_vs_raw": (
         "The raw publisher only publishes; the relay also reads each batch from the outbox, "
-        "builds a message per row (properties and headers) and marks the confirmed rows "
+        "builds the properties and headers of each message and marks the confirmed rows "
         "published. It overlaps those with the broker's confirms, but they take CPU from the "
-        "same core as the publishing, and on 2 shared cores this ratio, close to its target, "
-        "moves by a few hundredths from run to run."
+        "same core as the publishing; on 2 cores shared with PostgreSQL (and its autovacuum "
+        "after the writes), RabbitMQ and other work, this ratio moves by several hundredths "
+        "from run to run."
     ),
     "relay_latency": (
         "The two rows of the steady-rate run separate the parts: the POST's own answer is the "
@@ -144,15 +145,16 @@ WHY_MISSED = {
     "relays_2_vs_1": (
         "Two relays on 2 shared cores compete with PostgreSQL, RabbitMQ and the harness for the "
         "same cores that one relay already nearly fills: the aggregate can only rise with idle "
-        "CPU to take. Each relay also reads its batches through the pending index, skipping the "
-        "other relay's rows; the CPU rows show whether the cost per event rose or the cores "
-        "were simply full (then the machine, not the sharing, is the limit)."
+        "CPU to take. Each relay reads its batches as one index range per partition it holds, "
+        "merged, no further than the batch; the CPU rows show whether the cost per event rose "
+        "or the cores were simply full (then the machine, not the sharing, is the limit)."
     ),
     "relays_cpu_2_vs_1": (
-        "Each of two relays publishes half the events in twice as many, half-full turns of its "
-        "loop when the backlog is short, and pays its per-second rebalance query alone; on a "
-        "machine whose cores are oversubscribed, CPU time also grows with cache and scheduler "
-        "contention. A ratio near the target moves by a few hundredths from run to run."
+        "Each of two relays publishes half the events at half the rate, so each turn of its "
+        "event loop finds fewer confirms and frames ready to handle, and each pays its "
+        "per-second shares query alone; on a machine whose cores are oversubscribed, CPU time "
+        "also grows with cache and scheduler contention. A ratio near the target moves by "
+        "several hundredths from run to run."
     ),
     "mixed_failures": (
         "A failed request under mixed load means a timeout or a 5xx; the service log "
@@ -331,7 +333,8 @@ $commands
    harness POSTs at a steady 500/s for 15 s (5 s in quick mode; an open-loop pacer: sends
    never wait for answers) while a subscriber bound to `conversation.created` times each
    event from the POST's send to its receipt; the POST's own answer is timed too, to tell the
-   request's share from the relay's.
+   request's share from the relay's. `--only relay` runs this scenario alone, on a fresh
+   outbox (in the full run the writes' events came before it).
 5. **Mixed.** 80% GET by id, 10% POST, 10% PUT for 60 s (15 s in quick mode), while a
    sampler counts the pending outbox rows every second. No request may fail, the backlog must
    stay bounded (no sustained growth: the mean over the run's last quarter within one relay

@@ -1,6 +1,6 @@
 """The benchmark harness behind `make bench`: seed, start each server, drive it, report.
 
-    python -m tests.bench.run [--quick] [--profile] [--only relays]
+    python -m tests.bench.run [--quick] [--profile] [--only relay] [--only relays]
 
 Needs DATABASE_URL (a server where it may drop and create `conversations_bench`), AMQP_URL and
 JWT_HS256_SECRETS, as `make env` prints them (`make bench` sets them). Prints each figure as it
@@ -90,7 +90,7 @@ class Plan:
     profile: bool
     rounds: int  # of scenario 1, whose targets use each subject's best round
     data: SeedPlan
-    only: tuple[str, ...] = ()  # run just these scenarios (of ALONE); docs/benchmarks.md is kept
+    only: tuple[str, ...] = ()  # just these scenarios (ALONE, relay, relays); no document
 
 
 QUICK = Plan("quick", 5, 2, 15, 5, 20_000, False, 1, SeedPlan(1_000, 100, 100_000))
@@ -833,7 +833,10 @@ async def main(plan: Plan) -> None:
                     await scenario_relays(bench, sink)
                     continue
                 async with service(bench) as server:
-                    await ALONE[name](bench, server)
+                    if name == "relay":  # the service's relay, and the broker's sink
+                        await scenario_relay(bench, server, sink)
+                    else:
+                        await ALONE[name](bench, server)
             _print_tables(bench)
             return
         rounds = await scenario_get_by_id(bench)
@@ -895,14 +898,14 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--profile", action="store_true", help="profile in quick mode too (py-spy)")
     parser.add_argument(
         "--only",
-        choices=sorted([*ALONE, "relays"]),
+        choices=sorted([*ALONE, "relay", "relays"]),
         action="append",
         default=[],
         help="run only this scenario (repeatable); prints, writes no document",
     )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    if args.only == ["relays"]:  # that scenario reads no seeded rows: seed the least
+    if args.only and set(args.only) <= {"relay", "relays"}:  # no seeded rows read: seed the least
         plan = dataclasses.replace(plan, data=ONLY_SEED)
     return dataclasses.replace(plan, profile=plan.profile or args.profile, only=tuple(args.only))
 
