@@ -258,7 +258,7 @@ make bench                               # the full run (about 12 minutes here);
 BENCH_QUICK=1 make bench                 # a short run (about 3 minutes): less data, 5 s runs
 BENCH_QUICK=1 BENCH_PROFILE=1 make bench # the short run with the profile (the full run has it)
 BENCH_QUICK=1 BENCH_ONLY="sync writes" make bench  # only these scenarios; prints, keeps this file
-                                         # (alone: inbox, sync, writes, relays)
+                                         # (alone: inbox, sync, writes, relay, relays)
 ```
 
 It needs what `make run` needs (it starts the local PostgreSQL and RabbitMQ the same way), and
