@@ -23,6 +23,8 @@ from service.api.app import create_app
 from service.backoff import Backoff
 from service.events.broker import Broker, Outgoing
 from service.events.relay import (
+    CLEANUP_BATCH,
+    DELETE_PUBLISHED,
     SELECT_PENDING,
     SESSION_SETTINGS,
     Relay,
@@ -31,6 +33,7 @@ from service.events.relay import (
 )
 from service.events.tail import tail
 from tests.events_support import amqp_url, pending_is, running_relay, wait_until
+from tests.plans import plan_nodes
 from tests.proxy import TcpProxy, free_port, via_port
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -339,6 +342,37 @@ async def test_published_rows_past_retention_are_removed_in_batches(event_settin
     assert await relay.remove_published(db) == 2500
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 100
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 100
+
+
+async def test_retention_reads_only_the_oldest_rows_and_passes_a_pending_one(event_settings, db):
+    """Nothing expired: the statement reads one batch of the oldest rows, not the outbox. A row
+    still pending among the oldest (its broker was down) does not keep back the expired rows
+    published after it."""
+    await db.execute(
+        """
+        INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload,
+                            published_at)
+        SELECT 'evt_' || lpad(n::text, 16, '0'), 'conversation.updated', 'a', 'c', n, '{}',
+               CASE WHEN n = 3 THEN NULL
+                    WHEN n <= 2500 THEN now() - interval '100 hours'
+                    ELSE now() - interval '1 hour' END
+        FROM generate_series(1, 20000) AS n
+        """
+    )
+    relay = Relay(event_settings.database_url, Broker(amqp_url(), "unused"), event_settings.events)
+    assert await relay.remove_published(db) == 2499
+    ids = await db.fetch("SELECT id FROM outbox ORDER BY id LIMIT 2")
+    assert await db.fetchval("SELECT published_at IS NULL FROM outbox WHERE id = $1", ids[0]["id"])
+    assert await db.fetchval("SELECT count(*) FROM outbox") == 20000 - 2499
+    plan = await db.fetchval(
+        f"EXPLAIN (ANALYZE, FORMAT JSON) {DELETE_PUBLISHED}", 72 * 3600.0, CLEANUP_BATCH
+    )
+    scans = [n for n in plan_nodes(orjson.loads(plan)[0]["Plan"]) if "Relation Name" in n]
+    assert scans, plan
+    read = [
+        (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in scans
+    ]
+    assert max(read) <= CLEANUP_BATCH, plan
 
 
 # --- events tail ------------------------------------------------------------------------------

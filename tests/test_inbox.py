@@ -15,6 +15,7 @@ from schemas.cursor import Position, Sort, encode
 from service.conversations import repository
 from service.conversations.repository import ListFilter
 from tests.error_bodies import error_body
+from tests.plans import plan_nodes
 
 URL = "/v1/conversations"
 ACTIVITY = "-last_active_at"
@@ -338,16 +339,6 @@ _LABELS = {
 }
 
 
-def _nodes(plan: dict) -> list[dict]:
-    return [plan, *itertools.chain.from_iterable(_nodes(child) for child in plan.get("Plans", []))]
-
-
-def _walk(plan: dict) -> list[dict]:
-    """The plan's nodes, without its InitPlans (a subquery run once, before the walk)."""
-    children = [c for c in plan.get("Plans", []) if c.get("Parent Relationship") != "InitPlan"]
-    return [plan, *itertools.chain.from_iterable(_walk(child) for child in children)]
-
-
 async def test_plans_never_sort_the_account_nor_scan_it_whole(db):
     """20,000 conversations in one account (and 20,000 in others): every order, direction,
     filter and depth is an index range scan in the order's index, or a sort of only what a
@@ -396,12 +387,12 @@ async def test_plans_never_sort_the_account_nor_scan_it_whole(db):
         assert "OFFSET" not in query.upper()
         plan = orjson.loads(await db.fetchval(f"EXPLAIN (FORMAT JSON) {query}", *args))[0]["Plan"]
         where = (sort, filters_, after, before)
-        assert not [n for n in _nodes(plan) if n["Node Type"] == "Seq Scan"], (where, plan)
+        assert not [n for n in plan_nodes(plan) if n["Node Type"] == "Seq Scan"], (where, plan)
         # The walk itself: without the choice of the metadata pair it walks (an InitPlan that
         # sorts the filter's pairs by their capped counts).
-        nodes = _walk(plan)
+        nodes = plan_nodes(plan, without="InitPlan")
         for sort_node in (n for n in nodes if n["Node Type"] == "Sort"):
-            found_by = {n.get("Index Name") for n in _nodes(sort_node)} - {None}
+            found_by = {n.get("Index Name") for n in plan_nodes(sort_node)} - {None}
             assert found_by, (where, plan)
             assert found_by <= _SELECTIVE, (where, plan)
         if filters_.metadata:
@@ -438,5 +429,9 @@ async def test_plans_never_sort_the_account_nor_scan_it_whole(db):
     )
     analyzed = await db.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}", *args)
     plan = orjson.loads(analyzed)[0]["Plan"]
-    [labels] = [n for n in _walk(plan) if n.get("Relation Name") == "conversation_labels"]
+    [labels] = [
+        n
+        for n in plan_nodes(plan, without="InitPlan")
+        if n.get("Relation Name") == "conversation_labels"
+    ]
     assert labels["Actual Rows"] == 0, plan

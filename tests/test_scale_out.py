@@ -36,6 +36,7 @@ from tests.events_support import (
     running_relay,
     wait_until,
 )
+from tests.plans import plan_nodes
 from tests.proxy import TcpProxy, free_port, via_port
 
 PARTITIONS = 16  # what migration 0006 sets
@@ -296,11 +297,6 @@ async def test_relays_wait_while_a_single_leader_relay_of_the_earlier_version_ru
     assert in_order(messages) == 0
 
 
-def _nodes(plan: dict) -> list[dict]:
-    """A JSON plan's node and every node under it."""
-    return [plan, *(node for child in plan.get("Plans", []) for node in _nodes(child))]
-
-
 async def test_a_relay_with_some_partitions_reads_no_more_than_its_batch(db, db_url):
     # Not a scan of every pending row: the others' backlog may be large (one stuck partition).
     # Nor the oldest rows of each partition it holds before the batch's choice among them: a
@@ -324,7 +320,7 @@ async def test_a_relay_with_some_partitions_reads_no_more_than_its_batch(db, db_
         )
     finally:
         await relay.close()
-    nodes = _nodes(orjson.loads(explained)[0]["Plan"])
+    nodes = plan_nodes(orjson.loads(explained)[0]["Plan"])
     kinds = [node["Node Type"] for node in nodes]
     assert "Merge Append" in kinds, kinds
     assert "Seq Scan" not in kinds, kinds

@@ -102,13 +102,14 @@ def select_pending_of(partitions: int) -> str:
 
 
 MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])"
+# Of the oldest rows, those published longer ago than the retention. Rows are published about
+# in id order, so the expired ones are the oldest: each statement reads only its window of the
+# primary key, never the whole outbox looking for rows that have not expired yet.
 DELETE_PUBLISHED = """
 DELETE FROM outbox
 WHERE id IN (
-    SELECT id FROM outbox
+    SELECT id FROM (SELECT id, published_at FROM outbox ORDER BY id LIMIT $2) AS oldest
     WHERE published_at < now() - make_interval(secs => $1)
-    ORDER BY id
-    LIMIT $2
 )
 """
 JOIN = "SELECT pg_try_advisory_lock_shared($1)"
@@ -383,14 +384,16 @@ class Relay:
         self.published += len(ids)
 
     async def remove_published(self, conn: asyncpg.Connection) -> int:
-        """Delete rows published longer ago than the retention, in bounded batches."""
+        """Delete rows published longer ago than the retention, oldest first, in bounded
+        batches, until the oldest batch has none: a row still pending (or not yet expired)
+        among the oldest does not keep the expired ones behind it."""
         retention = self._settings.outbox_retention_hours * 3600
         removed = 0
         while not self._stopping.is_set():
             status = await conn.execute(DELETE_PUBLISHED, retention, CLEANUP_BATCH)
             count = int(status.split()[-1])
             removed += count
-            if count < CLEANUP_BATCH:
+            if count == 0:
                 break
         if removed:
             log.info("removed %d published outbox rows past retention", removed)
