@@ -124,6 +124,11 @@ class ConversationListQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
+    # The parameters that place a page in one walk: service/api/bodies.load_query loads the rest
+    # of a query string once for all the requests that send it, and these for each, through
+    # their fields and `positions`.
+    WALK = ("starting_after", "ending_before")
+
     limit = fields.Integer(
         load_default=10,
         validate=validate.Range(1, 100, error="Must be between {min} and {max}."),
@@ -218,6 +223,8 @@ class ConversationChangesQuerySchema(Schema):
 
     class Meta:
         unknown = RAISE
+
+    WALK = ("since",)  # as the list's (bodies.load_query)
 
     since = fields.String(
         validate=validate.Length(1, 512),

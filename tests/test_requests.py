@@ -1,14 +1,18 @@
 """Request bodies, query strings and headers: what is read, what is refused, and how errors look."""
 
 import re
+from collections.abc import Callable
 from urllib.parse import quote
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
 from marshmallow import ValidationError
 
+from schemas import cursor
+from schemas.cursor import Position, Sort
 from schemas.fields import MAX_TIMESTAMP
 from service.api import bodies, handlers
+from service.errors import ApiError
 from tests.error_bodies import error_body
 
 URL = "/v1/conversations"
@@ -667,21 +671,71 @@ def test_a_query_string_is_loaded_once_and_each_caller_gets_its_own_dict(monkeyp
     assert again["limit"] == 5
     assert again["metadata"] == {"team": "sales"}
     assert len(loads) == 1
-    # Refused ones are refused every time, never kept.
+    # Refused ones are refused every time (the second load words the whole error), never kept.
     for _ in range(2):
         with pytest.raises(ValidationError):
             load("limit=0")
-    assert len(loads) == 3
-    assert len(bodies._loaded_queries) == 1
-    # One walk's own query strings (a cursor, a sync token) are never kept.
-    cursor = "0000000000000000"
-    for _ in range(2):
-        assert load(f"limit=5&starting_after={cursor}")["starting_after"].id == cursor
     assert len(loads) == 5
     assert len(bodies._loaded_queries) == 1
+    # A cursor is read for each request, the rest of its query string is kept: a deep page
+    # loads no more than the first one does.
+    for place in ("0000000000000000", "0000000000000001", "0000000000000002"):
+        assert load(f"limit=5&starting_after={place}")["starting_after"].id == place
+    assert len(loads) == 6
+    assert len(bodies._loaded_queries) == 2
     # Bounded: full, it starts over.
-    load("limit=6")
     load("limit=7")
     assert len(bodies._loaded_queries) == 1
     assert load("limit=7")["limit"] == 7
     assert len(loads) == 7
+
+
+LIST_QUERIES = [
+    "",
+    "limit=5",
+    "limit=0",
+    "limit=5&limit=6",
+    "sort=-last_active_at&unread=true&metadata%5Bteam%5D=sales",
+    "metadata=x",
+    "starting_after=0000000000000000",
+    "starting_after=0000000000000000&ending_before=0000000000000001",
+    "starting_after=0000000000000000&starting_after=0000000000000001",
+    "starting_after=bad",
+    "starting_after=",
+    "limit=0&starting_after=bad",
+    "sort=-last_active_at&starting_after=0000000000000000",
+    "sort=bogus&starting_after=0000000000000000",
+    f"sort=-last_active_at&starting_after={cursor.encode(Sort.ACTIVITY, Position('0' * 16, 17))}",
+    f"sort=-last_active_at&ending_before={cursor.encode(Sort.ACTIVITY, Position('0' * 16, None))}",
+    f"ending_before={cursor.encode(Sort.ACTIVITY, Position('0' * 16, 17))}",
+    "unknown=1&starting_after=0000000000000000",
+]
+
+
+@pytest.mark.parametrize(
+    ("schema", "query"),
+    [(handlers._list_query_schema, q) for q in LIST_QUERIES]
+    + [
+        (handlers._changes_query_schema, q)
+        for q in ("", "since=abc", "since=", "limit=1001&since=abc", "since=a&since=b")
+    ],
+)
+def test_a_kept_query_string_loads_as_the_schema_loads_it_whole(monkeypatch, schema, query):
+    """Twice each (the second from what was kept): the same result, or the same error, as the
+    schema loading the whole query string."""
+    monkeypatch.setattr(bodies, "_loaded_queries", {})
+    request = make_mocked_request("GET", f"/v1/conversations?{query}")
+
+    def outcome(load: Callable[[], dict]) -> object:
+        try:
+            return load()
+        except ValidationError as error:
+            return error.messages
+        except ApiError as error:  # a name given twice
+            return (error.status, error.message, error.errors)
+
+    expected = outcome(
+        lambda: schema.load(bodies._objects(schema, bodies._single_values(request.query)))
+    )
+    for _ in range(2):
+        assert outcome(lambda: bodies.load_query(schema, request)) == expected

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from marshmallow import Schema, fields
+from marshmallow import Schema, ValidationError, fields
 from multidict import MultiMapping
 
 from schemas.fields import StrictBoolean
@@ -54,13 +54,13 @@ def _objects(schema: Schema, values: dict[str, str]) -> dict[str, Any]:
     return {**loaded, **objects}
 
 
-# Query strings already loaded, by schema and raw query string. The same few come again and
-# again from every account (a first page, an inbox's poll), and loading one costs a list page
-# about as much as its SELECT. Cleared when full; refused query strings are never kept, nor
-# those with a cursor or a sync token: each is one walk's own, and would only churn the rest.
+# Query strings already loaded, by schema and query, without the parameters that place a page
+# in one walk (a schema's WALK: cursors, sync tokens). The rest is the same few again and again
+# from every client (a first page, an inbox's poll), and loading it through marshmallow costs a
+# list page about as much as its SELECT; the walk's own values are read for each request, so a
+# deep page costs what a first page does. Cleared when full; refused queries are never kept.
 QUERY_CACHE_SIZE = 1024
-_ONE_WALKS = ("starting_after", "ending_before", "since")
-_loaded_queries: dict[tuple[Schema, str], dict[str, Any]] = {}
+_loaded_queries: dict[tuple[Schema, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
 
 
 def load_query(schema: Schema, request: web.Request) -> dict[str, Any]:
@@ -68,17 +68,26 @@ def load_query(schema: Schema, request: web.Request) -> dict[str, Any]:
 
     A new dict each time; the values in it are shared with other requests: read, never change.
     """
-    key = (schema, request.rel_url.raw_query_string)
+    values = _single_values(request.query)
+    walk_names = getattr(schema, "WALK", ())
+    walk = {name: values.pop(name) for name in walk_names if name in values}
+    key = (schema, tuple(values.items()))
     loaded = _loaded_queries.get(key)
-    if loaded is None:
-        query = request.query
-        loaded = schema.load(_objects(schema, _single_values(query)))
-        if any(name in query for name in _ONE_WALKS):
-            return loaded
-        if len(_loaded_queries) >= QUERY_CACHE_SIZE:
-            _loaded_queries.clear()
-        _loaded_queries[key] = loaded
-    return dict(loaded)
+    try:
+        if loaded is None:
+            loaded = schema.load(_objects(schema, values))
+            if len(_loaded_queries) >= QUERY_CACHE_SIZE:
+                _loaded_queries.clear()
+            _loaded_queries[key] = loaded
+        placed = dict(loaded)
+        if walk:
+            placed.update((name, schema.fields[name].deserialize(v)) for name, v in walk.items())
+            positions = getattr(schema, "positions", None)  # the schema's own post_load
+            placed = positions(placed) if positions else placed
+        return placed
+    except ValidationError:
+        # Every error of the whole query string, worded by the schema as one load gives them.
+        return schema.load(_objects(schema, {**values, **walk}))
 
 
 async def read_body(request: web.Request, schema: Schema) -> dict[str, Any]:

@@ -62,8 +62,8 @@ WHY_MISSED = {
     "list_vs_get": (
         "A page is 11 rows through the same layers plus marshmallow loading the query string "
         "and 10 objects to encode: the query-schema load and the per-row dict building are "
-        "the extra cost over a GET by id. The worker keeps the query strings it loaded without "
-        "a cursor (a first page comes again from every client), and passes each row's metadata "
+        "the extra cost over a GET by id. The worker keeps what it loaded of each query string "
+        "but its cursor (a first page comes again from every client), and passes each row's metadata "
         "on as the JSON text PostgreSQL wrote (never decoded and encoded again); what is left "
         "is the rows themselves: PostgreSQL reads 11 instead of 1, and the worker builds and "
         "encodes them."
@@ -72,8 +72,7 @@ WHY_MISSED = {
         "Keyset pagination is one index descent at any depth, so a deep page should cost what "
         "the first does; a ratio well off 1 in one run and near 1 in the next is interference "
         "from other work on the machine (look at the two runs' p99s), a steady one would point "
-        "at the cursor's handling (its query string is loaded afresh each time, where the first "
-        "page's is kept, and the second condition in the query)."
+        "at the cursor's handling (its decoding, and the second condition in the query)."
     ),
     "inbox_first_vs_first": (
         "The activity order's first page is one range scan of its own index, as the default "
@@ -82,9 +81,8 @@ WHY_MISSED = {
     ),
     "inbox_deep_vs_first": (
         "A deep page is one index descent to the cursor's position, at any depth; it also "
-        "decodes the cursor and loads its query string afresh (the first page's is kept: a "
-        "query string with a cursor is one walk's own). A gap in one run and none in the next "
-        "is interference."
+        "decodes the cursor (the rest of its query string is loaded once, as the first "
+        "page's). A gap in one run and none in the next is interference."
     ),
     "inbox_metadata_vs_first": (
         "A value on 1% of the account: the page walks that value's labels in activity order "
