@@ -118,15 +118,29 @@ class ConversationUpdateSchema(_RequestBody):
     metadata = Metadata(removals=True, metadata={"description": _METADATA_CHANGE})
 
 
-class ConversationListQuerySchema(Schema):
+class WalkQuerySchema(Schema):
+    """A list's query string. `WALK` names the parameters that place a page in one walk (a
+    cursor, a sync token): service/api/bodies.load_query loads the rest of a query string once
+    for every request that sends it, and these for each, through their fields and `place`."""
+
+    WALK: tuple[str, ...] = ()
+
+    def place(self, data: dict[str, Any]) -> dict[str, Any]:
+        """What the loaded WALK values mean given the rest of the query (ValidationError if
+        nothing); a whole load runs it too, after the fields."""
+        return data
+
+    @post_load
+    def _place(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return self.place(data)
+
+
+class ConversationListQuerySchema(WalkQuerySchema):
     """GET /v1/conversations query string."""
 
     class Meta:
         unknown = RAISE
 
-    # The parameters that place a page in one walk: service/api/bodies.load_query loads the rest
-    # of a query string once for all the requests that send it, and these for each, through
-    # their fields and `positions`.
     WALK = ("starting_after", "ending_before")
 
     limit = fields.Integer(
@@ -176,8 +190,7 @@ class ConversationListQuerySchema(Schema):
     contact_id = reference_id()
     group_id = reference_id()
 
-    @post_load
-    def positions(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    def place(self, data: dict[str, Any]) -> dict[str, Any]:
         """The cursors as positions of the chosen order (`schemas.cursor.Position`)."""
         errors = {}
         for name in ("starting_after", "ending_before"):
@@ -218,13 +231,13 @@ class DeletedConversationSchema(Schema):
     deleted = fields.Boolean(required=True, metadata={"enum": [True]})
 
 
-class ConversationChangesQuerySchema(Schema):
+class ConversationChangesQuerySchema(WalkQuerySchema):
     """GET /v1/conversations/changes query string."""
 
     class Meta:
         unknown = RAISE
 
-    WALK = ("since",)  # as the list's (bodies.load_query)
+    WALK = ("since",)  # the token is read where the walk is (service/conversations/sync.py)
 
     since = fields.String(
         validate=validate.Length(1, 512),

@@ -10,6 +10,7 @@ from aiohttp import web
 from marshmallow import Schema, ValidationError, fields
 from multidict import MultiMapping
 
+from schemas.conversation import WalkQuerySchema
 from schemas.fields import StrictBoolean
 from service.api.keys import MALFORMED_BODY
 from service.errors import ApiError, validation_error
@@ -60,17 +61,16 @@ def _objects(schema: Schema, values: dict[str, str]) -> dict[str, Any]:
 # list page about as much as its SELECT; the walk's own values are read for each request, so a
 # deep page costs what a first page does. Cleared when full; refused queries are never kept.
 QUERY_CACHE_SIZE = 1024
-_loaded_queries: dict[tuple[Schema, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
+_loaded_queries: dict[tuple[WalkQuerySchema, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
 
 
-def load_query(schema: Schema, request: web.Request) -> dict[str, Any]:
+def load_query(schema: WalkQuerySchema, request: web.Request) -> dict[str, Any]:
     """The request's query string, validated by `schema` (a ValidationError becomes a 422).
 
     A new dict each time; the values in it are shared with other requests: read, never change.
     """
     values = _single_values(request.query)
-    walk_names = getattr(schema, "WALK", ())
-    walk = {name: values.pop(name) for name in walk_names if name in values}
+    walk = {name: values.pop(name) for name in schema.WALK if name in values}
     key = (schema, tuple(values.items()))
     loaded = _loaded_queries.get(key)
     try:
@@ -82,8 +82,7 @@ def load_query(schema: Schema, request: web.Request) -> dict[str, Any]:
         placed = dict(loaded)
         if walk:
             placed.update((name, schema.fields[name].deserialize(v)) for name, v in walk.items())
-            positions = getattr(schema, "positions", None)  # the schema's own post_load
-            placed = positions(placed) if positions else placed
+            placed = schema.place(placed)
         return placed
     except ValidationError:
         # Every error of the whole query string, worded by the schema as one load gives them.
