@@ -76,6 +76,7 @@ class Broker:
         # Counts the robust connection's reconnects; each one sets the event of its time.
         self.generation = 0
         self._reconnected = asyncio.Event()
+        self._queueing = asyncio.Lock()  # publish_batch: calls queue their messages in turn
 
     @property
     def connected(self) -> bool:
@@ -145,30 +146,32 @@ class Broker:
         fails. The publishes go through aio-pika's channel below its `Exchange.publish`: one
         deadline for the batch instead of a timer per message, and no writer round trip per
         message before the next one is queued (the order is kept: each takes the channel's
-        next delivery tag as it queues its frames).
+        next delivery tag as it queues its frames). Batches published by concurrent calls
+        reach the broker in the order of the calls.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + confirm_timeout
         if self._channel is None or self._exchange is None:
             return 0, BrokerUnavailable("not connected to RabbitMQ yet")
         try:
-            async with asyncio.timeout_at(deadline):  # a robust channel waits while reconnecting
+            async with asyncio.timeout_at(deadline), self._queueing:
+                # A robust channel waits here while reconnecting.
                 channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+                publishes = [
+                    asyncio.ensure_future(
+                        channel.basic_publish(
+                            message.body,
+                            exchange=self._exchange_name,
+                            routing_key=message.routing_key,
+                            properties=message.properties,
+                            mandatory=True,
+                            wait=False,
+                        )
+                    )
+                    for message in messages
+                ]
         except BROKER_UNAVAILABLE as error:
             return 0, error
-        publishes = [
-            asyncio.ensure_future(
-                channel.basic_publish(
-                    message.body,
-                    exchange=self._exchange_name,
-                    routing_key=message.routing_key,
-                    properties=message.properties,
-                    mandatory=True,
-                    wait=False,
-                )
-            )
-            for message in messages
-        ]
         try:
             await asyncio.wait(publishes, timeout=max(0.0, deadline - loop.time()))
         finally:  # past the deadline, or this batch cancelled: no publish outlives it

@@ -18,7 +18,8 @@ import functools
 import logging
 import random
 import time
-from collections import Counter
+from asyncio import FIRST_COMPLETED
+from collections import Counter, deque
 from collections.abc import Callable
 
 import aio_pika
@@ -48,6 +49,10 @@ STANDBY_RETRY_SECONDS = 2.0
 # How often a relay recounts the relays and evens out the shares (also mid-drain, between batches).
 REBALANCE_INTERVAL_SECONDS = 1.0
 PUBLISH_CONFIRM_TIMEOUT_SECONDS = 10.0
+# How many batches' rows a relay may have published and unconfirmed: one is read and published
+# while the broker confirms the other, and a slow confirm does not hold up the events behind it.
+# A relay that dies re-publishes at most these (duplicates, never a loss).
+IN_FLIGHT_BATCHES = 2
 CLEANUP_INTERVAL_SECONDS = 60.0
 CLEANUP_BATCH = 1000
 # The relay's database session: named in pg_stat_activity, ended by the server within about
@@ -71,7 +76,7 @@ COLUMNS = (
     "id, event_id, event_type, account_id, conversation_id, partition, payload, traceparent, "
     "created_at"
 )
-# Always from the oldest pending row, skipping only the batch in flight: a row that commits late
+# Always from the oldest pending row, skipping only the rows in flight: a row that commits late
 # with a lower id is still published before any later event of its conversation. A relay that
 # holds every partition reads them all in id order.
 SELECT_PENDING = f"""
@@ -162,6 +167,10 @@ def build_message(row: asyncpg.Record) -> Outgoing:
             app_id=APP_ID,
         ),
     )
+
+
+# The ids of a batch's confirmed prefix, and its first failure (None: all confirmed).
+PublishOutcome = tuple[list[int], BaseException | None]
 
 
 def _record(metrics: Metrics, rows: list[asyncpg.Record], confirmed: int, seconds: float) -> None:
@@ -256,7 +265,7 @@ class Relay:
             if time.monotonic() >= self._rebalance_at:
                 await self.rebalance(conn)
             try:
-                more = await self._drain(conn)
+                more = await self._drain(conn, wake)
             except BROKER_UNAVAILABLE as error:
                 await self._pause_for_broker(broker_backoff, generation, "publishing failed", error)
                 continue
@@ -313,57 +322,74 @@ class Relay:
         self._rebalance_at = time.monotonic() + REBALANCE_INTERVAL_SECONDS
         return True
 
-    async def _drain(self, conn: asyncpg.Connection) -> bool:
-        """Publish batches of this relay's partitions until none is pending, or its share must
+    async def _drain(self, conn: asyncpg.Connection, wake: asyncio.Event) -> bool:
+        """Publish this relay's partitions' pending rows until none is left, or its share must
         shrink; True if rows may remain.
 
-        While the broker confirms a batch, the database work around it runs on `conn`: the
-        previous batch is marked, the shares are looked at when due, and the next batch is
-        read (all pending rows but the batch in flight). A batch goes out only once the one
-        before it is confirmed, so the broker receives events in outbox order.
+        Batches are pipelined on one channel, so the broker receives them in outbox order: a
+        batch goes out as soon as it is read, while earlier ones wait for their confirms, up to
+        IN_FLIGHT_BATCHES batches' rows unconfirmed. (The broker confirms a persistent message
+        once its disk has it, at times 50 to 300 ms later on a busy host: that holds up the
+        marking, not the events committed meanwhile.) The database work runs on `conn` while
+        the broker confirms: the confirmed batches are marked in order, the shares are looked
+        at when due, and the next batch is read (the oldest pending rows but those in flight).
+        A failure marks its batch's confirmed prefix and leaves every later row pending,
+        published again (a duplicate, never a loss, and nothing of a conversation overtaken
+        for good); it is raised once the later batches have settled.
         """
         if not self.partitions:
             return False
         batch_size = self._settings.relay_batch_size
-        rows = await self._read(conn, [])
-        unmarked: list[int] = []
-        more = False
-        while rows:
-            publishing = asyncio.ensure_future(self.publish_batch(rows))
-            try:
-                if unmarked:
-                    await self.mark_published(conn, unmarked)
-                    unmarked = []
-                more = len(rows) == batch_size
-                go_on = more and not self._stopping.is_set()
-                if go_on and time.monotonic() >= self._rebalance_at:
-                    go_on = await self.rebalance(conn, in_flight=True)  # else: release after it
-                next_rows = await self._read(conn, [row["id"] for row in rows]) if go_on else []
-            except BaseException:
-                await asyncio.gather(publishing, return_exceptions=True)  # let it settle
-                raise
-            unmarked, failure = await publishing
-            if failure is not None:
-                if unmarked:
-                    await self.mark_published(conn, unmarked)
-                raise failure
-            rows = next_rows
-        if unmarked:
-            await self.mark_published(conn, unmarked)
-        return more
+        flight: deque[tuple[list[int], asyncio.Future[PublishOutcome]]] = deque()
+        more = True  # rows may be pending that are neither in flight nor marked
+        releasing = False  # the share must shrink: no more reads until nothing is in flight
+        try:
+            while True:
+                room = IN_FLIGHT_BATCHES * batch_size - sum(len(ids) for ids, _ in flight)
+                can_read = room > 0 and not releasing and not self._stopping.is_set()
+                if can_read and more and time.monotonic() >= self._rebalance_at:
+                    releasing = not await self.rebalance(conn, in_flight=bool(flight))
+                    can_read = not releasing
+                if can_read and more:
+                    wake.clear()  # a commit after this read sets it again
+                    limit = min(room, batch_size)
+                    rows = await self._read(conn, [i for ids, _ in flight for i in ids], limit)
+                    more = len(rows) == limit
+                    if rows:
+                        publishing = asyncio.ensure_future(self.publish_batch(rows))
+                        flight.append(([row["id"] for row in rows], publishing))
+                        continue
+                if not flight:
+                    return more or releasing
+                publishing = flight[0][1]
+                if can_read:  # every pending row is out: a commit may come before the confirm
+                    committed = asyncio.ensure_future(wake.wait())
+                    await asyncio.wait((publishing, committed), return_when=FIRST_COMPLETED)
+                    committed.cancel()
+                    more = wake.is_set()
+                else:
+                    await asyncio.wait((publishing,))
+                if publishing.done():
+                    flight.popleft()
+                    confirmed, failure = publishing.result()
+                    if confirmed:
+                        await self.mark_published(conn, confirmed)
+                    if failure is not None:
+                        raise failure
+        finally:  # after a failure or a cancellation: let the later batches settle, mark none
+            await asyncio.gather(*(publishing for _, publishing in flight), return_exceptions=True)
 
-    async def _read(self, conn: asyncpg.Connection, in_flight: list[int]) -> list[asyncpg.Record]:
-        """The next batch: the oldest pending rows of this relay's partitions, but those in
-        flight."""
-        batch_size = self._settings.relay_batch_size
+    async def _read(
+        self, conn: asyncpg.Connection, in_flight: list[int], limit: int
+    ) -> list[asyncpg.Record]:
+        """The next `limit` rows: the oldest pending rows of this relay's partitions, but those
+        in flight."""
         if len(self.partitions) == self._partition_count:
-            return await conn.fetch(SELECT_PENDING, batch_size, in_flight)
+            return await conn.fetch(SELECT_PENDING, limit, in_flight)
         select = select_pending_of(len(self.partitions))
-        return await conn.fetch(select, batch_size, in_flight, *self.partitions)
+        return await conn.fetch(select, limit, in_flight, *self.partitions)
 
-    async def publish_batch(
-        self, rows: list[asyncpg.Record]
-    ) -> tuple[list[int], BaseException | None]:
+    async def publish_batch(self, rows: list[asyncpg.Record]) -> PublishOutcome:
         """Publish `rows` in order; return the ids of the confirmed prefix and the first failure.
 
         The publishes are pipelined on one channel, so the broker receives them in row order.

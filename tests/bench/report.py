@@ -116,7 +116,8 @@ WHY_MISSED = {
     "relay_vs_raw": (
         "The raw publisher only publishes; the relay also reads each batch from the outbox, "
         "builds the properties and headers of each message and marks the confirmed rows "
-        "published. It overlaps those with the broker's confirms, but they take CPU from the "
+        "published. It overlaps those with the broker's confirms (the next batch is read and "
+        "published while the last one is confirmed), but they take CPU from the "
         "same core as the publishing; on 2 cores shared with PostgreSQL (and its autovacuum "
         "after the writes), RabbitMQ and other work, this ratio moves by several hundredths "
         "from run to run."
@@ -124,10 +125,12 @@ WHY_MISSED = {
     "relay_latency": (
         "The two rows of the steady-rate run separate the parts: the POST's own answer is the "
         "request's share, the rest of the event's time the relay's. An event waits for the "
-        "NOTIFY wake-up, a batch read, the broker's confirm (a persistent message to a durable "
-        "queue is confirmed once RabbitMQ has written it, in group writes under load) and the "
-        "mark; the relay process shares the 2 cores with both API workers, PostgreSQL, "
-        "RabbitMQ and the harness that paces the POSTs and consumes the events."
+        "NOTIFY wake-up, a batch read and its publish; the broker's confirm (a persistent "
+        "message to a durable queue is confirmed once RabbitMQ has written it, 50 to 300 ms "
+        "at times when the disk is busy) holds up only the marking, as the relay publishes the "
+        "next batches meanwhile, up to two batches' rows unconfirmed. The relay process shares "
+        "the 2 cores with both API workers, PostgreSQL, RabbitMQ and the harness that paces "
+        "the POSTs and consumes the events."
     ),
     "limits_in_process_vs_off": (
         "The in-process count is a dict lookup and a few float operations per request, plus a "
