@@ -371,13 +371,22 @@ def list_query(
         walk.append(f"l.key = {param(label_key)} AND l.value = {param(label_value)}")
     else:
         wanted = param(pairs)
-        row.append(f"metadata @> {wanted}::jsonb")
         walk.append(
             f"(l.key, l.value) = (SELECT key, value FROM jsonb_each_text({wanted}::jsonb) AS pair "
             "ORDER BY (SELECT count(*) FROM (SELECT FROM conversation_labels AS r "
             "WHERE r.account_id = $1 AND r.key = pair.key AND r.value = pair.value "
             f"LIMIT {LABEL_COUNT_CAP}) AS capped), key LIMIT 1)"
         )
+        # The other pairs are looked up in the labels' primary key, one unique entry each
+        # (index only), before the row: a conversation of the walked pair that lacks another
+        # costs a probe, not its row. (Only the label in them: a filter run before the read.)
+        for key, value in pairs.items():
+            key_, value_ = param(key), param(value)
+            row.append(
+                f"(l.key = {key_} OR EXISTS (SELECT FROM conversation_labels AS o "
+                f"WHERE o.account_id = $1 AND o.key = {key_} AND o.value = {value_} "
+                "AND o.id = l.id))"
+            )
     lookup = " AND ".join(["account_id = l.account_id", "id = l.id", *row])
     columns = ", ".join(f"c.{column}" for column in (*_LISTED, "version"))
     return (
