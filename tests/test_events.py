@@ -32,7 +32,13 @@ from service.events.relay import (
     select_pending_of,
 )
 from service.events.tail import tail
-from tests.events_support import amqp_url, pending_is, running_relay, wait_until
+from tests.events_support import (
+    RecordingBroker,
+    amqp_url,
+    pending_is,
+    running_relay,
+    wait_until,
+)
 from tests.plans import plan_nodes
 from tests.proxy import TcpProxy, free_port, via_port
 
@@ -411,6 +417,21 @@ async def test_after_a_failed_batch_the_batches_behind_it_are_not_marked_even_if
     assert relay.marks[0] == ids[:1]  # only the failed batch's confirmed prefix
     assert sorted(i for mark in relay.marks for i in mark) == ids  # each once
     assert [m.message_id for m in again] == [m.message_id for m in first[1:]]
+
+
+async def test_commits_within_the_linger_after_a_notify_go_out_in_one_batch(
+    event_settings, aiohttp_client, headers, subscriber, db
+):
+    # A producer's linger: at a steady rate, a read, publish and mark carry several events.
+    log: list = []
+    broker = RecordingBroker(amqp_url(), event_settings.events.exchange, log, "relay")
+    async with running_relay(event_settings, broker, linger=2.0) as (relay, _):
+        await wait_until(lambda: _true(relay.is_active))
+        await asyncio.sleep(0.3)  # its first drain found nothing: it waits for a NOTIFY
+        await write_events(event_settings, aiohttp_client, headers, 3)  # well within 2 s
+        received = await subscriber.receive(3)
+    assert len({start for _, _, start, _, _ in log}) == 1  # one batch
+    assert [m.message_id for m in received] == [message_id for *_, message_id in log]
 
 
 async def test_published_rows_past_retention_are_removed_in_batches(event_settings, db):

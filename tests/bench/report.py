@@ -125,7 +125,8 @@ WHY_MISSED = {
     "relay_latency": (
         "The two rows of the steady-rate run separate the parts: the POST's own answer is the "
         "request's share, the rest of the event's time the relay's. An event waits for the "
-        "NOTIFY wake-up, a batch read and its publish; the broker's confirm (a persistent "
+        "NOTIFY wake-up, the relay's 3 ms linger (so that a read carries the commits right "
+        "behind), a batch read and its publish; the broker's confirm (a persistent "
         "message to a durable queue is confirmed once RabbitMQ has written it, 50 to 300 ms "
         "at times when the disk is busy) holds up only the marking, as the relay publishes the "
         "next batches meanwhile, up to two batches' rows unconfirmed. The relay process shares "
