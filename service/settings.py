@@ -36,6 +36,8 @@ class EventSettings:
     relay_batch_size: int
     relay_poll_interval_seconds: float
     outbox_retention_hours: float
+    # How long a relay woken by a NOTIFY waits for the commits behind it (see relay.py).
+    relay_linger_seconds: float = 0.003
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,9 @@ def _event_settings(env: Env) -> EventSettings:
         ),
         outbox_retention_hours=env.float(
             "OUTBOX_RETENTION_HOURS", 72.0, validate=validate.Range(0, 24 * 365)
+        ),
+        relay_linger_seconds=env.float(
+            "RELAY_LINGER_SECONDS", 0.003, validate=validate.Range(0, 1)
         ),
     )
 

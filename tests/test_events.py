@@ -425,7 +425,9 @@ async def test_commits_within_the_linger_after_a_notify_go_out_in_one_batch(
     # A producer's linger: at a steady rate, a read, publish and mark carry several events.
     log: list = []
     broker = RecordingBroker(amqp_url(), event_settings.events.exchange, log, "relay")
-    async with running_relay(event_settings, broker, linger=2.0) as (relay, _):
+    lingering = dataclasses.replace(event_settings.events, relay_linger_seconds=2.0)
+    settings = dataclasses.replace(event_settings, events=lingering)
+    async with running_relay(settings, broker) as (relay, _):
         await wait_until(lambda: _true(relay.is_active))
         await asyncio.sleep(0.3)  # its first drain found nothing: it waits for a NOTIFY
         await write_events(event_settings, aiohttp_client, headers, 3)  # well within 2 s
