@@ -425,7 +425,10 @@ async def test_commits_within_the_linger_after_a_notify_go_out_in_one_batch(
     # A producer's linger: at a steady rate, a read, publish and mark carry several events.
     log: list = []
     broker = RecordingBroker(amqp_url(), event_settings.events.exchange, log, "relay")
-    lingering = dataclasses.replace(event_settings.events, relay_linger_seconds=2.0)
+    # No poll meanwhile: a read that the poll started would not linger.
+    lingering = dataclasses.replace(
+        event_settings.events, relay_linger_seconds=2.0, relay_poll_interval_seconds=30
+    )
     settings = dataclasses.replace(event_settings, events=lingering)
     async with running_relay(settings, broker) as (relay, _):
         await wait_until(lambda: _true(relay.is_active))
