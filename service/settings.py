@@ -36,8 +36,7 @@ class EventSettings:
     relay_batch_size: int
     relay_poll_interval_seconds: float
     outbox_retention_hours: float
-    # How long a relay woken by a NOTIFY waits for the commits behind it (see relay.py).
-    relay_linger_seconds: float = 0.003
+    relay_linger_seconds: float  # how long a read started by a NOTIFY waits (relay.py)
 
 
 @dataclass(frozen=True)

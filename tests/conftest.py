@@ -132,6 +132,7 @@ def make_settings(db_url: str, auth_settings: AuthSettings) -> Settings:
             relay_enabled=False,
             relay_batch_size=100,
             relay_poll_interval_seconds=0.2,
+            relay_linger_seconds=0.003,
             outbox_retention_hours=72,
         ),
         # The defaults, in-process: no test outside tests/test_rate_limits.py comes near them.
