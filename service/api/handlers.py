@@ -5,8 +5,8 @@ are built from those declarations. A write handler reads its input and gives `ru
 operation and how its result is answered: under an Idempotency-Key the domain stores that
 answer with the write.
 
-The handlers run in the /v1 sub-application: the shared state is the root application's, read
-through `request.config_dict`."""
+The handlers run in the /v1 sub-application: the shared state is the root application's
+(`keys.shared`)."""
 
 import contextlib
 import re
@@ -30,7 +30,7 @@ from schemas import (
 from schemas.fields import CONVERSATION_ID_PATTERN, METADATA_MAX_KEYS, TRACEPARENT_PATTERN
 from service.api.bodies import load_query, read_body
 from service.api.idempotency import json_answer, response, run_write
-from service.api.keys import DB_POOL, PRINCIPAL, SETTINGS
+from service.api.keys import DB_POOL, PRINCIPAL, SETTINGS, shared
 from service.api.routes import Answer, RouteTable
 from service.conversations import operations, sync
 from service.conversations.idempotency import Keyed, StoredAnswer
@@ -128,7 +128,7 @@ async def list_conversations(request: web.Request) -> web.Response:
     if "starting_after" in query and "ending_before" in query:
         raise ApiError(400, "Use starting_after or ending_before, not both.", param="ending_before")
     page = await operations.list_page(
-        request.config_dict[DB_POOL],
+        shared(request)[DB_POOL],
         request[PRINCIPAL].account_id,
         ListFilter(
             archived=query.get("archived"),
@@ -184,11 +184,11 @@ async def list_changes(request: web.Request) -> web.Response:
     query = load_query(_changes_query_schema, request)
     try:
         page = await sync.changes(
-            request.config_dict[DB_POOL],
+            shared(request)[DB_POOL],
             request[PRINCIPAL].account_id,
             query.get("since"),
             limit=query["limit"],
-            retention_seconds=request.config_dict[SETTINGS].sync_retention_seconds,
+            retention_seconds=shared(request)[SETTINGS].sync_retention_seconds,
         )
     except sync.MalformedSyncToken:
         message = "since is not a token this service issued for this account."
@@ -231,7 +231,7 @@ async def create_conversation(request: web.Request) -> web.Response:
     ) -> tuple[StoredConversation, bool]:
         with _domain_errors():
             return await operations.create(
-                request.config_dict[DB_POOL],
+                shared(request)[DB_POOL],
                 request[PRINCIPAL].account_id,
                 fields,
                 _traceparent(request),
@@ -254,7 +254,7 @@ async def retrieve_conversation(request: web.Request) -> web.Response:
     """One conversation of the caller's account."""
     with _domain_errors():
         conversation = await operations.get(
-            request.config_dict[DB_POOL], request[PRINCIPAL].account_id, _path_id(request)
+            shared(request)[DB_POOL], request[PRINCIPAL].account_id, _path_id(request)
         )
     return response(_conversation_answer(conversation))
 
@@ -279,7 +279,7 @@ async def update_conversation(request: web.Request) -> web.Response:
     async def update(keyed: Keyed[StoredConversation] | None) -> StoredConversation:
         with _domain_errors():
             return await operations.update(
-                request.config_dict[DB_POOL],
+                shared(request)[DB_POOL],
                 request[PRINCIPAL].account_id,
                 conversation_id,
                 changes,
@@ -308,7 +308,7 @@ async def delete_conversation(request: web.Request) -> web.Response:
     async def delete(keyed: Keyed[StoredConversation] | None) -> StoredConversation:
         with _domain_errors():
             return await operations.delete(
-                request.config_dict[DB_POOL],
+                shared(request)[DB_POOL],
                 request[PRINCIPAL].account_id,
                 conversation_id,
                 _if_match(request),

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
-from service.api.keys import DB_POOL, PRINCIPAL, SETTINGS
+from service.api.keys import DB_POOL, PRINCIPAL, SETTINGS, shared
 from service.api.middleware import error_response
 from service.conversations import idempotency
 from service.conversations.idempotency import (
@@ -67,7 +67,7 @@ def idempotency_key(request: web.Request, body: dict[str, Any] | None) -> Idempo
         request[PRINCIPAL].account_id,
         values[0],
         fingerprint(request, body),
-        request.config_dict[SETTINGS].idempotency_ttl_hours,
+        shared(request)[SETTINGS].idempotency_ttl_hours,
     )
 
 
@@ -116,7 +116,7 @@ async def run_write(
                 raise
             answer = _refusal(request, error)
             await idempotency.store_refusal(
-                request.config_dict[DB_POOL], KeyedAnswer(keyed.key, answer)
+                shared(request)[DB_POOL], KeyedAnswer(keyed.key, answer)
             )
     except AlreadyAnswered as stored:
         return response(stored.answer, replayed=True)

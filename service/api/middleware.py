@@ -1,7 +1,7 @@
 """The layers around the handlers. Around every request (the root application): metrics,
 request id, error rendering. Around the API's (the /v1 sub-application, inside those):
 authentication, rate limits, scopes. The sub-application's middlewares read the shared state
-through `request.config_dict` (the root application holds it)."""
+from the root application (`keys.shared`)."""
 
 import logging
 import os
@@ -24,6 +24,7 @@ from service.api.keys import (
     REQUEST_ID,
     SETTINGS,
     TOKEN_VERIFIER,
+    shared,
 )
 from service.api.ratelimit import WRITE_METHODS
 from service.errors import ApiError, database_unavailable, error_type, validation_error
@@ -124,7 +125,7 @@ def _log_failure(
 
 def error_response(request: web.Request, error: ApiError) -> web.Response:
     """The contract's error body for `error`, answering `request`."""
-    docs_url = request.config_dict[SETTINGS].error_docs_url  # the root's, from a sub-application
+    docs_url = shared(request)[SETTINGS].error_docs_url  # the root's, from a sub-application
     return render_error(error, request.get(REQUEST_ID, ""), docs_url)
 
 
@@ -166,7 +167,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             headers={"WWW-Authenticate": 'Bearer realm="conversations"'},
         )
     try:
-        principal = request.config_dict[TOKEN_VERIFIER].verify(token.strip())
+        principal = shared(request)[TOKEN_VERIFIER].verify(token.strip())
     except InvalidToken as error:
         raise ApiError(
             401,
@@ -233,7 +234,7 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
     like any other answer. (The probes, /metrics and /openapi.json are outside /v1: never.)
     """
     budget = budget_for(request.method)
-    quota = await request.config_dict[RATE_LIMITER].draw(request[PRINCIPAL].account_id, budget)
+    quota = await shared(request)[RATE_LIMITER].draw(request[PRINCIPAL].account_id, budget)
     if quota is not None:
         request[RATE_LIMIT_QUOTA] = quota
         if not quota.allowed:
