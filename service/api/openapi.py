@@ -5,6 +5,7 @@ What an operation answers besides its own answers and errors follows from its tr
 rules of `_implied`, one place per rule."""
 
 import copy
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -128,14 +129,19 @@ _IDEMPOTENCY_KEY = {
 }
 
 
+@dataclasses.dataclass
 class _Implied:
     """What an operation's traits add to it: parameters, refusals (each a sentence), and the
     headers its answers carry."""
 
-    def __init__(self) -> None:
-        self.parameters: list[dict[str, Any]] = []
-        self.errors: dict[int, list[str]] = defaultdict(list)
-        self.headers: dict[int, list[str]] = defaultdict(list)  # by status; 0: every answer
+    parameters: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    errors: defaultdict[int, list[str]] = dataclasses.field(
+        default_factory=lambda: defaultdict(list)
+    )
+    # By status; under 0, those of every answer.
+    headers: defaultdict[int, list[str]] = dataclasses.field(
+        default_factory=lambda: defaultdict(list)
+    )
 
 
 def _implied(operation: Operation) -> _Implied:

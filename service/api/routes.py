@@ -109,6 +109,7 @@ def add_routes(
         resource = resources.get(path)
         if resource is None:
             resource = resources[path] = router.add_resource(path, name=operation.name)
+        assert operation.name in (None, resource.name), f"{path} has two names"
         if operation.method == "GET":
             resource.add_route("HEAD", operation.handler)
         resource.add_route(operation.method, operation.handler)
