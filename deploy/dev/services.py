@@ -353,7 +353,10 @@ def postgres_os_user(directory: Path) -> str:
 class PostgreSQL(Service):
     """From Debian's binaries, with pg_ctl, as an unprivileged user when run by root."""
 
-    name, variable, packages, program = "PostgreSQL", "DATABASE_URL", ("postgresql",), "postgres"
+    name = "PostgreSQL"
+    variable = "DATABASE_URL"
+    packages = ("postgresql",)
+    program = "postgres"
 
     def __init__(self, settings: Settings) -> None:
         # PostgreSQL's own directory: data/, postgres.log and the Unix socket. It may be a
@@ -526,12 +529,10 @@ class PostgreSQL(Service):
 class RabbitMQ(Service):
     """From Debian's package, with a configuration, a cookie and an Erlang node of its own."""
 
-    name, variable, packages, program = (
-        "RabbitMQ",
-        "AMQP_URL",
-        ("rabbitmq-server",),
-        "rabbitmq-server",
-    )
+    name = "RabbitMQ"
+    variable = "AMQP_URL"
+    packages = ("rabbitmq-server",)
+    program = "rabbitmq-server"
     boots_slowly = True  # its boot is the longest part of a start
     node = "conversations-dev@localhost"
     # Debian's unwrapped scripts: the /usr/sbin wrappers switch to the rabbitmq user and the
@@ -643,12 +644,10 @@ class RabbitMQ(Service):
 class Redis(Service):
     """From Debian's package, daemonized, with a password and nothing written to disk."""
 
-    name, variable, packages, program = (
-        "Redis",
-        "RATE_LIMIT_REDIS_URL",
-        ("redis-server",),
-        "redis-server",
-    )
+    name = "Redis"
+    variable = "RATE_LIMIT_REDIS_URL"
+    packages = ("redis-server",)
+    program = "redis-server"
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, settings.state_dir / "redis", settings.redis_port, "redis.log")
