@@ -309,6 +309,18 @@ def test_as_root_postgresql_runs_as_postgres_or_a_user_made_for_it(tmp_path, mon
     ]
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="gives a directory to another user")
+def test_as_root_the_user_is_chosen_before_its_directory_is_made(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    nobody = dev.pwd.getpwnam("nobody")
+    monkeypatch.setattr(dev.pwd, "getpwnam", lambda name: nobody)  # "postgres" is nobody here
+    postgresql = dev.PostgreSQL(settings(tmp_path))
+    monkeypatch.setattr(postgresql, "run_as_user", lambda command, **options: 0)
+    postgresql.prepare_dir()
+    assert postgresql.user == "nobody"  # not root, the owner of a directory made by root
+    assert postgresql.link.stat().st_uid == nobody.pw_uid
+
+
 def unprivileged_postgresql(tmp_path, monkeypatch, state_dir, writable=True):
     """A PostgreSQL whose user may not write in `state_dir`, with its fallback in tmp_path."""
     monkeypatch.setattr(os, "geteuid", lambda: NOBODY)  # no chown

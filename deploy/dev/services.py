@@ -375,6 +375,7 @@ class PostgreSQL(Service):
 
     @functools.cached_property
     def user(self) -> str:
+        """Once the directory exists, its owner: asked first before prepare_dir makes it."""
         return postgres_os_user(self.link)
 
     @functools.cached_property
@@ -420,6 +421,7 @@ class PostgreSQL(Service):
         when that user can write there and the socket's path fits (Unix socket paths are limited
         to 107 bytes); otherwise in a per-checkout directory under /var/tmp, linked from the
         checkout so that every later command finds it the same way."""
+        log(f"PostgreSQL runs as {self.user}")  # decided before the directory exists: see user
         if self.link.is_symlink():
             # The system may have cleaned /var/tmp since: recreate the target (initdb follows).
             self.make_own_dir(self.link.resolve())
@@ -475,7 +477,6 @@ class PostgreSQL(Service):
         )
 
     def start(self) -> int:
-        log(f"PostgreSQL runs as {self.user}")  # decided before prepare_dir makes the directory
         self.prepare_dir()
         self.init()
         self.write_own_file(self.data / "conversations-dev.conf", self.config())
