@@ -264,7 +264,7 @@ BENCH_QUICK=1 BENCH_ONLY="sync writes" make bench  # only these scenarios; print
 ```
 
 It needs what `make run` needs (it starts the local PostgreSQL and RabbitMQ the same way), and
-installs what only it needs: Debian's `wrk` (through `deploy/dev/install-packages.sh`), and the
+installs what only it needs: Debian's `wrk` (through `deploy/dev/install_packages.py`), and the
 `bench` extra of `pyproject.toml` (FastAPI, uvicorn, py-spy) into `.venv`. pgbench comes with
 PostgreSQL. Benchmarks are not part of `make test`. Logs of every server go to `.dev/bench/`
 (`service.log`, `minimal.log`, `fastapi.log`), never to the terminal; so do the data files that
