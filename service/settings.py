@@ -161,12 +161,13 @@ def _auth_settings(env: Env) -> AuthSettings:
             "JWT_ACCOUNT_CLAIM", "sub", validate=validate.Regexp(r"^[A-Za-z0-9_.:/-]{1,100}$")
         ),
         default_scopes=tuple(
-            env.list(
+            env.list(  # None when invalid: reported at seal()
                 "JWT_DEFAULT_SCOPES",
                 [],
                 delimiter=" ",
                 validate=validate.ContainsOnly(KNOWN_SCOPES),
             )
+            or ()
         ),
     )
 

@@ -115,6 +115,8 @@ def _signing_key(entry: object) -> SigningKey:
         raise UnusableDocument("not a JSON object")
     if entry.get("kty") == "oct":
         raise UnusableDocument("a symmetric key (kty oct) is never taken from a key set")
+    if "d" in entry:  # the private part of an RSA, EC or OKP key: a leak, not a key to trust
+        raise UnusableDocument("a private key is never taken from a key set")
     if entry.get("use", "sig") != "sig":
         raise UnusableDocument("not a signature key (`use` is not `sig`)")
     try:
@@ -136,8 +138,6 @@ def _signing_key(entry: object) -> SigningKey:
         not isinstance(jwk.key, ec.EllipticCurvePublicKey) or jwk.key.curve.name != "secp256r1"
     ):
         raise UnusableDocument("ES256 needs an EC P-256 public key")
-    if not hasattr(jwk.key, "public_bytes") or hasattr(jwk.key, "private_bytes"):
-        raise UnusableDocument("a private key is never taken from a key set")
     der = jwk.key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return SigningKey(algorithm, hashlib.sha256(der).digest(), jwk.key)
 
