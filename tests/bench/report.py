@@ -378,12 +378,13 @@ $commands
    publisher sends as many messages first, for scale. `--only relays` runs this scenario
    alone (`python -m tests.bench.run --quick --only relays` under `make env`'s variables),
    printing its tables without touching this file.
-10. **Tokens from a JWKS.** GET by id as in scenario 1, against the service started twice in
-   turn: with the HS256 secret (as everywhere else), then with `JWT_JWKS_URL` pointing at a
-   JWKS that the harness serves on a loopback port (`tests/bench/jwks.py`, one RSA key),
-   `JWT_AUDIENCE` set, no HS256 secret, and wrk sending RS256 tokens signed by that key. The
-   service fetches the key set once at start-up; each token is verified once per worker and
-   then served from the verified-token cache, as with HS256. `--only jwks` runs it alone.
+10. **Tokens from a JWKS.** GET by id as in scenario 1, against one service that takes both
+   HS256 tokens (the secret, as everywhere else) and RS256 tokens whose key it fetches from a
+   JWKS that the harness serves on a loopback port (`tests/bench/jwks.py`, one RSA key;
+   `JWT_JWKS_URL`, `JWT_AUDIENCE`, both kinds of token carrying that audience). wrk sends one
+   kind, then the other, for at least two rounds; the target takes each kind's best round. The
+   service fetches the key set once per worker at start-up; each token is verified once per
+   worker and then served from the verified-token cache, as with HS256. `--only jwks` runs it alone.
 
 ## Set-up and decisions
 
