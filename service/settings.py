@@ -1,5 +1,6 @@
 """Configuration: environment variables only, parsed and validated once at start-up."""
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -198,6 +199,8 @@ def _check_auth(auth: AuthSettings) -> None:
         )
     if not all(map(_http_url, auth.jwks_urls)):
         raise invalid_configuration({"JWT_JWKS_URL": "every URL must be http(s)://host/..."})
+    if auth.jwks_ca_file and not os.path.isfile(auth.jwks_ca_file):
+        raise invalid_configuration({"JWT_JWKS_CA_FILE": "no such file"})
     if auth.oidc_discovery and not (auth.issuer and _http_url(auth.issuer)):
         raise invalid_configuration(
             {"JWT_ISSUER": "JWT_OIDC_DISCOVERY needs the issuer's http(s) URL here"}

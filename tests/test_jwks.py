@@ -356,6 +356,15 @@ async def test_account_claim_and_default_scopes_for_service_account_tokens(
         await other.authenticate(sign(keys, "ec-1", claims()))
 
 
+async def test_verify_uses_the_cached_keys_and_never_fetches(provider, keys, make_verifier, clock):
+    verifier = await make_verifier()
+    clock.advance(300)
+    assert verifier.verify(sign(keys, "ec-1")).account_id == "acct_1"
+    with pytest.raises(InvalidToken, match="does not know"):
+        verifier.verify(sign(keys, "rsa-2"))
+    assert provider.requests[JWKS_PATH] == 1
+
+
 # --- discovery ----------------------------------------------------------------------------------
 
 
@@ -571,6 +580,13 @@ def environment(monkeypatch):
         ({"JWT_JWKS_COOLDOWN_SECONDS": "0"}, "JWT_JWKS_COOLDOWN_SECONDS"),
         ({"JWT_ACCOUNT_CLAIM": "a b"}, "JWT_ACCOUNT_CLAIM"),
         ({"JWT_DEFAULT_SCOPES": "conversations:admin"}, "JWT_DEFAULT_SCOPES"),
+        (
+            {
+                "JWT_JWKS_URL": "https://id.example.test/jwks.json",
+                "JWT_JWKS_CA_FILE": "/nonexistent",
+            },
+            "JWT_JWKS_CA_FILE",
+        ),
     ],
 )
 def test_bad_token_settings_name_the_variable(environment, variables, named):

@@ -25,6 +25,9 @@ class InvalidToken(Exception):
     """The token cannot be trusted; the message is safe to show (it never contains the token)."""
 
 
+_UNKNOWN_KEY = "The bearer token is signed with a key this service does not know."
+
+
 class _UnknownSigningKey(Exception):
     """The token names a JWKS `kid` that is not cached: a refresh may find it."""
 
@@ -85,27 +88,29 @@ class TokenVerifier:
         first (at most one fetch per cooldown). SigningKeysUnavailable when the key is unknown
         and the provider could not be reached."""
         if self.jwks is None:
-            return self.verify(token)
+            return self._principal(token)
         self.jwks.refresh_if_stale()
         try:
-            return self.verify(token)
+            return self._principal(token)
         except _UnknownSigningKey:
             await self.jwks.refresh()
         try:
-            return self.verify(token)
+            return self._principal(token)
         except _UnknownSigningKey:
             if not self.jwks.reachable:
                 raise SigningKeysUnavailable(self.jwks.retry_after()) from None
-            raise InvalidToken(
-                "The bearer token is signed with a key this service does not know."
-            ) from None
+            raise InvalidToken(_UNKNOWN_KEY) from None
 
     def verify(self, token: str) -> Principal:
-        """The principal a valid token names; InvalidToken otherwise.
+        """The principal a valid token names, with the keys cached now; InvalidToken otherwise."""
+        try:
+            return self._principal(token)
+        except _UnknownSigningKey:
+            raise InvalidToken(_UNKNOWN_KEY) from None
 
-        A verified token is remembered until it expires: callers reuse a token for many
-        requests, and checking a signature costs more than the rest of a cached read.
-        """
+    def _principal(self, token: str) -> Principal:
+        """A verified token is remembered until it expires: callers reuse a token for many
+        requests, and checking a signature costs more than the rest of a cached read."""
         cached = self._cache.get(token)
         if cached is not None:
             return cached[0]
