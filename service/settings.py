@@ -161,8 +161,9 @@ def _auth_settings(env: Env) -> AuthSettings:
         account_claim=env.str(
             "JWT_ACCOUNT_CLAIM", "sub", validate=validate.Regexp(r"^[A-Za-z0-9_.:/-]{1,100}$")
         ),
+        # `or ()`: an invalid value reads as None until seal() reports it.
         default_scopes=tuple(
-            env.list(  # None when invalid: reported at seal()
+            env.list(
                 "JWT_DEFAULT_SCOPES",
                 [],
                 delimiter=" ",
