@@ -313,6 +313,10 @@ async def test_alg_none_and_hmac_with_the_public_key_are_refused(provider, keys,
             tokens.append(hmac_token({"alg": alg, "kid": "rsa-1"}, claims(), secret))
     # A key used with an algorithm it was not made for: the EdDSA key's kid under RS256.
     tokens.append(sign(keys, "rsa-1", kid="ed-1"))
+    # A kid that is not a string (a list cannot even be looked up).
+    rs256 = sign(keys, "rsa-1")
+    header = b64url(json.dumps({"alg": "RS256", "kid": ["rsa-1"]}).encode())
+    tokens.append(".".join([header, *rs256.split(".")[1:]]))
     for token in tokens:
         with pytest.raises(InvalidToken):
             await verifier.authenticate(token)

@@ -128,7 +128,7 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
             raise InvalidToken("The bearer token is malformed.") from None
-        algorithm, kid = header.get("alg"), header.get("kid")
+        algorithm, kid = header.get("alg"), header.get("kid")  # PyJWT refuses a non-string kid
         if not isinstance(algorithm, str):
             raise InvalidToken("The bearer token is signed with an algorithm that is not accepted.")
         keys = list(self._keys.get(algorithm, ()))

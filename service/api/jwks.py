@@ -187,15 +187,15 @@ class JwksKeys:
 
     # --- the request path: dict lookups only ----------------------------------------------------
 
-    def candidates(self, algorithm: str, kid: object) -> tuple[SigningKey, ...]:
+    def candidates(self, algorithm: str, kid: str | None) -> tuple[SigningKey, ...]:
         """The cached keys a token with this header may be signed with (none: unknown or wrong
         algorithm)."""
-        keys = self._unnamed if kid is None else self._by_kid.get(kid, ())  # type: ignore[arg-type]
+        keys = self._unnamed if kid is None else self._by_kid.get(kid, ())
         return tuple(key for key in keys if key.algorithm == algorithm)
 
-    def knows(self, kid: object) -> bool:
+    def knows(self, kid: str | None) -> bool:
         """Whether a refresh could not help this `kid`: it is cached, or the token names none."""
-        return kid is None or (isinstance(kid, str) and kid in self._by_kid)
+        return kid is None or kid in self._by_kid
 
     @property
     def reachable(self) -> bool:
