@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from opentelemetry import trace
 
 # The request being served and the task serving it, set by the request-id middleware: every log
 # line of a request carries its id without threading it through every call. Tasks started while
@@ -64,8 +65,9 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskN
 
 
 class JsonFormatter(logging.Formatter):
-    """`{"timestamp", "level", "logger", "message", ...extra}` on one line; of an exception, only
-    its type and where it was raised (`error`), never a traceback."""
+    """`{"timestamp", "level", "logger", "message", ...extra}` on one line, with `trace_id` and
+    `span_id` when written inside a span; of an exception, only its type and where it was raised
+    (`error`), never a traceback."""
 
     _second = -1
     _second_text = ""
@@ -86,6 +88,10 @@ class JsonFormatter(logging.Formatter):
         request_id = current_request_id()
         if request_id is not None:
             entry["request_id"] = request_id
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:  # written inside a span (tracing on): the line joins its trace
+            entry["trace_id"] = f"{span.trace_id:032x}"
+            entry["span_id"] = f"{span.span_id:016x}"
         if record.exc_info and record.exc_info[1] is not None:
             entry["error"] = describe_exception(record.exc_info[1])
         attributes = record.__dict__
