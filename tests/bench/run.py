@@ -30,6 +30,7 @@ from service.conversations import repository
 from service.settings import load_auth_settings
 from tests.bench import report
 from tests.bench.load import Commands, LoadResult, find_pgbench, pgbench, wrk
+from tests.bench.otlp_sink import otlp_sink
 from tests.bench.processes import Server, free_port, running
 from tests.bench.profile import record, summarize
 from tests.bench.relay import (
@@ -40,6 +41,7 @@ from tests.bench.relay import (
     broker_sink,
     broker_version,
     commit_to_subscriber,
+    cpu_seconds,
     raw_publisher,
     relay_drain,
     shared_drain,
@@ -232,11 +234,13 @@ def _common_env(bench: Bench, port: int) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def service(bench: Bench, rate_limits: str = "off") -> AsyncIterator[Server]:
+async def service(
+    bench: Bench, rate_limits: str = "off", extra_env: dict[str, str] | None = None
+) -> AsyncIterator[Server]:
     """The service as in production: `conversations serve` (workers, JSON access log, metrics,
     `RELAY_ENABLED=false`) and `conversations relay` in a process of its own, as the Kubernetes
-    manifests deploy them, with the rate limits of RATE_LIMITS[rate_limits]. Yields the API
-    server."""
+    manifests deploy them, with the rate limits of RATE_LIMITS[rate_limits] (and `extra_env`).
+    Yields the API server."""
     port = free_port()
     relay_port = free_port()
     env = {
@@ -250,6 +254,7 @@ async def service(bench: Bench, rate_limits: str = "off") -> AsyncIterator[Serve
         "EVENTS_EXCHANGE": EXCHANGE,
         "SHUTDOWN_TIMEOUT_SECONDS": "5",
         **RATE_LIMITS[rate_limits],
+        **(extra_env or {}),
     }
     command = str(Path(sys.executable).with_name("conversations"))
 
@@ -724,6 +729,74 @@ def _others(drain: SharedDrain) -> str:
     )
 
 
+# Scenario 10's services: tracing off, then on (to the harness's OTLP sink) at two ratios.
+TRACING_RUNS = {"off": None, "ratio 0.01": 0.01, "ratio 1.0": 1.0}
+
+
+async def scenario_tracing(bench: Bench) -> None:
+    """Scenario 10: GET by id with tracing off, then on at sampling ratios 0.01 and 1.0,
+    exporting to a local OTLP sink; the service started afresh for each, the workers' CPU time
+    read around each measured run. Each round runs the three in turn; the best round counts."""
+    rounds = []
+    async with otlp_sink() as sink:
+        for number in range(1, bench.plan.rounds + 1):
+            label = f" (round {number} of {bench.plan.rounds})" if bench.plan.rounds > 1 else ""
+            measured = []
+            for name, ratio in TRACING_RUNS.items():
+                extra = {"OTEL_SDK_DISABLED": "true"}
+                if ratio is not None:
+                    extra = {
+                        "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+                        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                        "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+                    }
+                async with service(bench, extra_env=extra) as server:
+                    subject = f"{SERVICE_GET}, tracing {name}{label}"
+                    measured.append(await _get_by_id_with_cpu(bench, server, subject))
+            rounds.append(measured)
+        bench.say(f"  the OTLP sink received {sink.exports:,} exports, {sink.bytes:,} bytes")
+    off, hundredth, every = (
+        max(runs, key=lambda run: run[0].load.rate) for runs in zip(*rounds, strict=True)
+    )
+    what = "GET by id, tracing at ratio 0.01 / off"
+    bench.check(rate_check("tracing_001_vs_off", what, hundredth[0], off[0], 0.95))
+    what = "GET by id, tracing at ratio 1.0 / off"
+    bench.check(rate_check("tracing_1_vs_off", what, every[0], off[0], None))
+    for (measurement, cpu), name in zip((off, hundredth, every), TRACING_RUNS, strict=True):
+        bench.check(
+            Check(
+                f"tracing_cpu_{name}",
+                "10",
+                f"service CPU per GET by id, tracing {name}",
+                f"{cpu:.0f} us",
+                f"{measurement.load.requests:,} requests",
+                None,
+                "(no target)",
+                None,
+            )
+        )
+
+
+async def _get_by_id_with_cpu(
+    bench: Bench, server: Server, subject: str
+) -> tuple[Measurement, float]:
+    """Warm up, then measure GET by id; also the workers' CPU microseconds per request."""
+    bench.say(f"scenario 10: {subject}: warm-up {bench.plan.warmup_seconds} s")
+    await wrk(
+        bench.commands,
+        "get_by_id.lua",
+        server.base_url,
+        bench.plan.warmup_seconds,
+        bench.dataset.data_dir,
+    )
+    before = sum(cpu_seconds(pid) for pid in server.workers)
+    measured = await measure(bench, server, "10", subject, "get_by_id.lua", bench.plan.seconds)
+    used = sum(cpu_seconds(pid) for pid in server.workers) - before
+    cpu = used / max(1, measured.load.requests) * 1e6
+    bench.say(f"    workers' CPU: {cpu:.0f} us per request")
+    return measured, cpu
+
+
 # Scenarios that `--only` can run alone, against the service only (no peers, no document).
 ALONE: dict[str, Callable[[Bench, Server], Awaitable[None]]] = {
     "inbox": scenario_inbox_alone,
@@ -832,6 +905,9 @@ async def main(plan: Plan) -> None:
                 if name == "relays":  # its own relays, no service
                     await scenario_relays(bench, sink)
                     continue
+                if name == "tracing":  # its own services, three of them
+                    await scenario_tracing(bench)
+                    continue
                 async with service(bench) as server:
                     if name == "relay":  # the service's relay, and the broker's sink
                         await scenario_relay(bench, server, sink)
@@ -853,6 +929,7 @@ async def main(plan: Plan) -> None:
             await scenario_relay(bench, server, sink)
             await scenario_mixed(bench, server)
         await scenario_rate_limits(bench)
+        await scenario_tracing(bench)
         await scenario_relays(bench, sink)  # its own relays: the service's would join them
     elapsed = time.monotonic() - started
     machine = report.machine(
@@ -898,7 +975,7 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--profile", action="store_true", help="profile in quick mode too (py-spy)")
     parser.add_argument(
         "--only",
-        choices=sorted([*ALONE, "relay", "relays"]),
+        choices=sorted([*ALONE, "relay", "relays", "tracing"]),
         action="append",
         default=[],
         help="run only this scenario (repeatable); prints, writes no document",
