@@ -146,6 +146,9 @@ def route_template(request: web.Request) -> str | None:
 # The route template, or "unmatched", set by the metrics middleware for the access log: a request
 # that aiohttp's parser refused never reached the router and has no route at all.
 ROUTE = web.RequestKey("route", str)
+# The request's SERVER span, set by the tracing middleware for the access log, which is written
+# after the span has ended (and is no longer current).
+SPAN_CONTEXT = web.RequestKey("span_context", trace.SpanContext)
 
 
 def describe_exception(error: BaseException | None) -> str:
@@ -168,6 +171,7 @@ class AccessLogger(web.AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         route = request.get(ROUTE, "unmatched")
+        span = request.get(SPAN_CONTEXT)
         self.logger.info(
             "%s %s %s %.1fms",
             request.method,
@@ -180,5 +184,7 @@ class AccessLogger(web.AbstractAccessLogger):
                 "route": route,
                 "status": response.status,
                 "duration": round(time, 6),
+                "trace_id": f"{span.trace_id:032x}" if span else None,
+                "span_id": f"{span.span_id:016x}" if span else None,
             },
         )

@@ -11,12 +11,12 @@ from pathlib import Path
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from opentelemetry import trace
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanContext, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util._once import Once
 
@@ -26,7 +26,7 @@ from service.api.tracing import server_span_middleware
 from service.events.broker import Outgoing
 from service.events.relay import build_message
 from service.events.tracing import end_publish_spans, start_publish_spans
-from service.logs import JsonFormatter
+from service.logs import SPAN_CONTEXT, AccessLogger, JsonFormatter
 from service.settings import TracingSettings
 from tests.events_support import wait_until
 from tests.proxy import free_port
@@ -293,6 +293,18 @@ def test_json_log_lines_carry_the_current_span(spans):
         tracing.stop(provider)
     assert line["trace_id"] == f"{span.get_span_context().trace_id:032x}"
     assert line["span_id"] == f"{span.get_span_context().span_id:016x}"
+
+
+def test_the_access_line_carries_the_requests_span(caplog):
+    """Written after the request's span ended: the middleware leaves the span on the request."""
+    request = make_mocked_request("GET", "/v1/conversations")
+    request[SPAN_CONTEXT] = SpanContext(0xABC, 0xDEF, is_remote=False)
+    logger = logging.getLogger("tests.access")
+    with caplog.at_level(logging.INFO, logger="tests.access"):
+        AccessLogger(logger, "").log(request, web.Response(), 0.001)
+    line = orjson.loads(JsonFormatter().format(caplog.records[-1]))
+    assert line["trace_id"] == f"{0xABC:032x}"
+    assert line["span_id"] == f"{0xDEF:016x}"
 
 
 # --- configuration -----------------------------------------------------------------------------

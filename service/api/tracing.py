@@ -13,7 +13,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from service import tracing
 from service.api.middleware import Handler
-from service.logs import route_template
+from service.logs import SPAN_CONTEXT, route_template
 
 _W3C = TraceContextTextMapPropagator()
 # Probes and scrapes come every few seconds and tell nothing a trace would: not traced.
@@ -43,6 +43,7 @@ async def server_span_middleware(request: web.Request, handler: Handler) -> web.
         context=_W3C.extract(request.headers) if "traceparent" in request.headers else None,
         kind=SpanKind.SERVER,
     )
+    request[SPAN_CONTEXT] = span.get_span_context()
     current = trace.set_span_in_context(span)
     if span.is_recording():
         span.set_attributes(
