@@ -345,8 +345,8 @@ async def measure(
     return bench.add(Measurement(scenario, subject, load, rss_mb=tuple(server.peak_rss_mb())))
 
 
-async def get_by_id(bench: Bench, server: Server, subject: str, scenario: str = "1") -> Measurement:
-    """Warm up, then measure GET /v1/conversations/{id}."""
+async def warm_up(bench: Bench, server: Server, subject: str, scenario: str) -> None:
+    """GET /v1/conversations/{id} for the warm-up time, unmeasured."""
     bench.say(f"scenario {scenario}: {subject}: warm-up {bench.plan.warmup_seconds} s")
     await wrk(
         bench.commands,
@@ -355,6 +355,11 @@ async def get_by_id(bench: Bench, server: Server, subject: str, scenario: str = 
         bench.plan.warmup_seconds,
         bench.dataset.data_dir,
     )
+
+
+async def get_by_id(bench: Bench, server: Server, subject: str, scenario: str = "1") -> Measurement:
+    """Warm up, then measure GET /v1/conversations/{id}."""
+    await warm_up(bench, server, subject, scenario)
     return await measure(bench, server, scenario, subject, "get_by_id.lua", bench.plan.seconds)
 
 
@@ -781,14 +786,7 @@ async def _get_by_id_with_cpu(
     bench: Bench, server: Server, subject: str
 ) -> tuple[Measurement, float]:
     """Warm up, then measure GET by id; also the workers' CPU microseconds per request."""
-    bench.say(f"scenario 10: {subject}: warm-up {bench.plan.warmup_seconds} s")
-    await wrk(
-        bench.commands,
-        "get_by_id.lua",
-        server.base_url,
-        bench.plan.warmup_seconds,
-        bench.dataset.data_dir,
-    )
+    await warm_up(bench, server, subject, "10")
     before = sum(cpu_seconds(pid) for pid in server.workers)
     measured = await measure(bench, server, "10", subject, "get_by_id.lua", bench.plan.seconds)
     used = sum(cpu_seconds(pid) for pid in server.workers) - before
