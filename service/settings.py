@@ -1,5 +1,6 @@
 """Configuration: environment variables only, parsed and validated once at start-up."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -273,7 +274,7 @@ def _tracing_settings(env: Env) -> TracingSettings:
     )
 
 
-def _optional(validator: validate.Validator) -> validate.Validator:
+def _optional(validator: validate.Validator) -> Callable[[str], object]:
     """`validator`, but an empty value (unset in a ConfigMap) passes."""
     return lambda value: value == "" or validator(value)
 
