@@ -1,13 +1,18 @@
 """Tracing: a request's SERVER span, its SQL spans, the relay's PRODUCER span in the same trace
 across the outbox, a subscriber continuing it; the OTLP export; tracing off; the OTEL_* checks."""
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -236,8 +241,29 @@ async def test_tracing_is_undone_when_the_app_stops(settings, spans):
 # --- the OTLP export ----------------------------------------------------------------------------
 
 
-async def test_spans_reach_an_otlp_endpoint(settings, headers, make_token, account):
-    """A collector of our own on loopback: the exporter's real requests, decoded."""
+async def test_spans_reach_an_otlp_endpoint(settings, headers):
+    """The exporter's real requests to a collector on loopback, decoded."""
+    async with otlp_collector() as (endpoint, received):
+        tracing_settings = TracingSettings(endpoint, "convs-test")
+        app = create_app(dataclasses.replace(settings, tracing=tracing_settings))
+        async with TestClient(TestServer(app)) as client:
+            assert (await client.get("/v1/conversations", headers=headers)).status == 200
+        # Stopping the app exported what was batched.
+    assert received, "the collector received nothing"
+    assert "GET /v1/conversations" in {span.name for span in exported_spans(received)}
+    service_names = {
+        attribute.value.string_value
+        for export in received
+        for resource in export.resource_spans
+        for attribute in resource.resource.attributes
+        if attribute.key == "service.name"
+    }
+    assert service_names == {"convs-test"}
+
+
+@contextlib.asynccontextmanager
+async def otlp_collector() -> AsyncIterator[tuple[str, list[ExportTraceServiceRequest]]]:
+    """A collector of our own on loopback: its endpoint, and the exports it decoded."""
     received: list[ExportTraceServiceRequest] = []
 
     async def collect(request: web.Request) -> web.Response:
@@ -251,31 +277,70 @@ async def test_spans_reach_an_otlp_endpoint(settings, headers, make_token, accou
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    endpoint = f"http://127.0.0.1:{port}/v1/traces"
-    app = create_app(dataclasses.replace(settings, tracing=TracingSettings(endpoint, "convs-test")))
     try:
-        async with TestClient(TestServer(app)) as client:
-            assert (await client.get("/v1/conversations", headers=headers)).status == 200
-        # Stopping the app exported what was batched.
+        yield f"http://127.0.0.1:{port}/v1/traces", received
     finally:
         await runner.cleanup()
-    assert received, "the collector received nothing"
-    names = {
-        span.name
+
+
+def exported_spans(received: list[ExportTraceServiceRequest]) -> list:
+    return [
+        span
         for export in received
         for resource in export.resource_spans
         for scope in resource.scope_spans
         for span in scope.spans
-    }
-    assert "GET /v1/conversations" in names
-    service_names = {
-        attribute.value.string_value
-        for export in received
-        for resource in export.resource_spans
-        for attribute in resource.resource.attributes
-        if attribute.key == "service.name"
-    }
-    assert service_names == {"convs-test"}
+    ]
+
+
+async def test_each_worker_traces_and_exports_its_spans_on_sigterm(settings, headers, tmp_path):
+    """WORKERS=2: each worker traces its requests and, on SIGTERM, exports what it has batched
+    (the batch delay here is ten minutes: only the shutdown's flush sends anything)."""
+    port = free_port()
+    async with otlp_collector() as (endpoint, received):
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+            "DATABASE_URL": settings.database_url,
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "WORKERS": "2",
+            "RELAY_ENABLED": "false",
+            "JWT_HS256_SECRETS": settings.auth.hs256_secrets[0],
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint.removesuffix("/v1/traces"),
+            "OTEL_BSP_SCHEDULE_DELAY": "600000",  # nothing leaves before the shutdown's flush
+        }
+        log = tmp_path / "serve.log"
+        with log.open("wb") as log_file:
+            server = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "service.cli", "serve", env=env, stderr=log_file
+            )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            # A new connection per request, so that both workers (SO_REUSEPORT) get some.
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True)
+            ) as http:
+
+                async def ready() -> bool:
+                    try:
+                        async with http.get(f"{base}/readyz") as resp:
+                            return resp.status == 200
+                    except aiohttp.ClientConnectionError:
+                        return False
+
+                await wait_until(ready, timeout=30)
+                for _ in range(20):
+                    async with http.get(f"{base}/v1/conversations", headers=headers) as resp:
+                        assert resp.status == 200
+            assert received == []
+            server.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(server.wait(), 30) == 0, log.read_text()[-3000:]
+        finally:
+            if server.returncode is None:
+                server.kill()
+                await server.wait()
+    served = [span for span in exported_spans(received) if span.name == "GET /v1/conversations"]
+    assert len(served) == 20
 
 
 # --- logs ---------------------------------------------------------------------------------------
