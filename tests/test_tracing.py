@@ -32,7 +32,7 @@ from service.events.broker import Outgoing
 from service.events.relay import build_message
 from service.events.tracing import end_publish_spans, start_publish_spans
 from service.logs import SPAN_CONTEXT, AccessLogger, JsonFormatter
-from service.settings import TracingSettings
+from service.settings import TracingSettings, load_settings
 from tests.events_support import wait_until
 from tests.proxy import free_port
 
@@ -436,8 +436,6 @@ def test_a_bad_otel_variable_stops_serve_with_exit_2(variable, value):
     ],
 )
 def test_tracing_is_off_unless_an_endpoint_is_set(monkeypatch, variables, endpoint):
-    from service.settings import load_settings
-
     for name in list(os.environ):
         if name.startswith("OTEL_"):
             monkeypatch.delenv(name)
