@@ -11,8 +11,6 @@ from collections.abc import Sequence
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -88,6 +86,10 @@ def sampler(settings: TracingSettings) -> Sampler:
 def new_exporter(settings: TracingSettings) -> SpanExporter:
     """OTLP over HTTP/protobuf to the configured endpoint (headers, timeout, compression and
     certificates from the exporter's own OTEL_EXPORTER_OTLP_* variables)."""
+    # Imported only here: with its HTTP client and protobuf it weighs about 15 MB per process,
+    # which a process with tracing off does not need.
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
     return OTLPSpanExporter(endpoint=settings.endpoint)
 
 
@@ -105,6 +107,8 @@ def start(settings: TracingSettings, *, sql: bool) -> TracerProvider:
     trace.set_tracer_provider(provider)
     _tracer = provider.get_tracer("service")
     if sql:
+        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
         # Statements only, never their parameters (capture_parameters is off by default).
         AsyncPGInstrumentor(capture_parameters=False).instrument(tracer_provider=provider)
     log.info("tracing to %s, sampler %s", settings.endpoint, provider.sampler.get_description())
@@ -114,6 +118,8 @@ def start(settings: TracingSettings, *, sql: bool) -> TracerProvider:
 def stop(provider: TracerProvider) -> None:
     """Export the spans still batched (within FLUSH_TIMEOUT_MILLIS), then stop tracing. Blocks:
     run it in a thread."""
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
     global _tracer
     _tracer = None
     instrumentor = AsyncPGInstrumentor()
