@@ -6,7 +6,10 @@ called, no tracer provider is installed (OpenTelemetry's global stays its no-op 
 is not instrumented, and the spans' call sites find `tracer()` None and do nothing.
 """
 
+import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import Sequence
 
 from opentelemetry import trace
@@ -31,7 +34,7 @@ from service.settings import TracingSettings
 log = logging.getLogger(__name__)
 
 # How long shutdown waits for the last spans to reach the collector.
-FLUSH_TIMEOUT_MILLIS = 5000
+FLUSH_TIMEOUT_SECONDS = 5.0
 
 _tracer: trace.Tracer | None = None
 
@@ -115,9 +118,33 @@ def start(settings: TracingSettings, *, sql: bool) -> TracerProvider:
     return provider
 
 
+async def stop_within(provider: TracerProvider) -> None:
+    """`stop`, waited for at most FLUSH_TIMEOUT_SECONDS: with the collector down, the SDK's flush retries
+    each batch for up to OTEL_EXPORTER_OTLP_TIMEOUT, which must not hold up a shutdown. The
+    flush runs in a daemon thread (as the SDK's batch worker does), so that one still under
+    way when the process ends does not keep it alive."""
+    loop = asyncio.get_running_loop()
+    stopped = loop.create_future()
+
+    def run() -> None:
+        try:
+            stop(provider)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+                loop.call_soon_threadsafe(lambda: stopped.done() or stopped.set_result(None))
+
+    threading.Thread(target=run, name="tracing-stop", daemon=True).start()
+    try:
+        await asyncio.wait_for(stopped, FLUSH_TIMEOUT_SECONDS)
+    except TimeoutError:
+        log.warning(
+            "tracing: the last spans were not exported within %gs; dropped", FLUSH_TIMEOUT_SECONDS
+        )
+
+
 def stop(provider: TracerProvider) -> None:
-    """Export the spans still batched (within FLUSH_TIMEOUT_MILLIS), then stop tracing. Blocks:
-    run it in a thread."""
+    """Export the spans still batched, then stop tracing. Blocks until the export is done or
+    has failed: see `stop_within`."""
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
     global _tracer
@@ -125,9 +152,7 @@ def stop(provider: TracerProvider) -> None:
     instrumentor = AsyncPGInstrumentor()
     if instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.uninstrument()
-    if not provider.force_flush(FLUSH_TIMEOUT_MILLIS):
-        log.warning("tracing: spans not exported within %d ms were dropped", FLUSH_TIMEOUT_MILLIS)
-    provider.shutdown()
+    provider.shutdown()  # exports what is batched first
 
 
 def current_traceparent() -> str | None:

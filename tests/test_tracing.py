@@ -343,6 +343,24 @@ async def test_each_worker_traces_and_exports_its_spans_on_sigterm(settings, hea
     assert len(served) == 20
 
 
+async def test_a_collector_that_never_answers_does_not_hold_up_shutdown(
+    settings, headers, monkeypatch
+):
+    """The exporter would retry for OTEL_EXPORTER_OTLP_TIMEOUT (10 s); shutdown waits less."""
+    monkeypatch.setattr(tracing, "FLUSH_TIMEOUT_SECONDS", 0.5)
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}/v1/traces"
+    app = create_app(dataclasses.replace(settings, tracing=TracingSettings(endpoint)))
+    try:
+        async with TestClient(TestServer(app)) as client:
+            assert (await client.get("/v1/conversations", headers=headers)).status == 200
+            stopping = asyncio.get_running_loop().time()
+        assert asyncio.get_running_loop().time() - stopping < 3
+    finally:
+        silent.close()
+
+
 # --- logs ---------------------------------------------------------------------------------------
 
 

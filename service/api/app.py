@@ -75,10 +75,10 @@ async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
 
 async def tracing_provider(app: web.Application) -> AsyncIterator[None]:
     """OpenTelemetry tracing, set up in this process (each worker, after the fork); at the end
-    the spans still batched are exported (in a thread: the export blocks)."""
+    the spans still batched are exported, for a few seconds at most."""
     provider = tracing.start(app[SETTINGS].tracing, sql=app[ROLE] == "api")
     yield
-    await asyncio.get_running_loop().run_in_executor(None, tracing.stop, provider)
+    await tracing.stop_within(provider)
 
 
 async def database_pool(app: web.Application) -> AsyncIterator[None]:
