@@ -11,6 +11,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -114,7 +115,14 @@ def start(settings: TracingSettings, *, sql: bool) -> TracerProvider:
 
         # Statements only, never their parameters (capture_parameters is off by default).
         AsyncPGInstrumentor(capture_parameters=False).instrument(tracer_provider=provider)
-    log.info("tracing to %s, sampler %s", settings.endpoint, provider.sampler.get_description())
+    where = urlsplit(settings.endpoint or "")
+    log.info(  # the endpoint without any user:password in it
+        "tracing to %s://%s%s, sampler %s",
+        where.scheme,
+        where.hostname,
+        f":{where.port}" if where.port else "",
+        provider.sampler.get_description(),
+    )
     return provider
 
 

@@ -401,6 +401,7 @@ def test_the_access_line_carries_the_requests_span(caplog):
         ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
         ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ftp://collector/v1/traces"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector.example:4318?token=hunter2"),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
         ("OTEL_SDK_DISABLED", "perhaps"),
     ],
@@ -418,6 +419,7 @@ def test_a_bad_otel_variable_stops_serve_with_exit_2(variable, value):
     assert done.returncode == 2
     assert "invalid configuration" in done.stderr
     assert f"  {variable}: " in done.stderr
+    assert value not in done.stderr  # a value may hold a secret: never echoed
 
 
 @pytest.mark.parametrize(
