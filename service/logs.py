@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from opentelemetry import trace
 
 # The request being served and the task serving it, set by the request-id middleware: every log
 # line of a request carries its id without threading it through every call. Tasks started while
@@ -64,8 +65,9 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskN
 
 
 class JsonFormatter(logging.Formatter):
-    """`{"timestamp", "level", "logger", "message", ...extra}` on one line; of an exception, only
-    its type and where it was raised (`error`), never a traceback."""
+    """`{"timestamp", "level", "logger", "message", ...extra}` on one line, with `trace_id` and
+    `span_id` when written inside a span; of an exception, only its type and where it was raised
+    (`error`), never a traceback."""
 
     _second = -1
     _second_text = ""
@@ -86,6 +88,10 @@ class JsonFormatter(logging.Formatter):
         request_id = current_request_id()
         if request_id is not None:
             entry["request_id"] = request_id
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:  # written inside a span (tracing on): the line joins its trace
+            entry["trace_id"] = f"{span.trace_id:032x}"
+            entry["span_id"] = f"{span.span_id:016x}"
         if record.exc_info and record.exc_info[1] is not None:
             entry["error"] = describe_exception(record.exc_info[1])
         attributes = record.__dict__
@@ -140,6 +146,9 @@ def route_template(request: web.Request) -> str | None:
 # The route template, or "unmatched", set by the metrics middleware for the access log: a request
 # that aiohttp's parser refused never reached the router and has no route at all.
 ROUTE = web.RequestKey("route", str)
+# The request's SERVER span, set by the tracing middleware for the access log, which is written
+# after the span has ended (and is no longer current).
+SPAN_CONTEXT = web.RequestKey("span_context", trace.SpanContext)
 
 
 def describe_exception(error: BaseException | None) -> str:
@@ -162,6 +171,7 @@ class AccessLogger(web.AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         route = request.get(ROUTE, "unmatched")
+        span = request.get(SPAN_CONTEXT)
         self.logger.info(
             "%s %s %s %.1fms",
             request.method,
@@ -174,5 +184,7 @@ class AccessLogger(web.AbstractAccessLogger):
                 "route": route,
                 "status": response.status,
                 "duration": round(time, 6),
+                "trace_id": f"{span.trace_id:032x}" if span else None,
+                "span_id": f"{span.span_id:016x}" if span else None,
             },
         )

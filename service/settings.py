@@ -1,7 +1,7 @@
 """Configuration: environment variables only, parsed and validated once at start-up."""
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -76,6 +76,32 @@ class RateLimitSettings:
     redis_url: str | None  # None: each process counts on its own
 
 
+# OTEL_TRACES_SAMPLER values the service accepts (the OpenTelemetry spec's built-in samplers).
+TRACE_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """OpenTelemetry tracing, from the standard OTEL_* variables; off unless an endpoint is set."""
+
+    endpoint: str | None = None  # where spans go (OTLP over HTTP/protobuf); None: tracing off
+    service_name: str = "conversations"
+    sampler: str = "parentbased_always_on"
+    ratio: float = 1.0  # OTEL_TRACES_SAMPLER_ARG, for the traceidratio samplers
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the process exports spans at all."""
+        return self.endpoint is not None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service's processes need."""
@@ -99,6 +125,7 @@ class Settings:
     rate_limits: RateLimitSettings
     # How long a keyed write's answer is replayed (the contract's IDEMPOTENCY_TTL_HOURS).
     idempotency_ttl_hours: int = 24
+    tracing: TracingSettings = TracingSettings()
 
     @property
     def sync_retention_seconds(self) -> int:
@@ -283,6 +310,53 @@ def _rate_limit_settings(env: Env) -> RateLimitSettings:
     )
 
 
+_OTLP_URL = validate.URL(schemes={"http", "https"}, require_tld=False)
+
+
+def _tracing_settings(env: Env) -> TracingSettings:
+    """The OTEL_* variables the SDK would read, validated here so that a bad one stops start-up.
+
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is the URL spans are posted to as it is;
+    OTEL_EXPORTER_OTLP_ENDPOINT is a base URL that `v1/traces` is appended to (the spec's rule).
+    """
+    traces_endpoint = env.str(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "", validate=_optional(_OTLP_URL)
+    )
+    base_endpoint = env.str("OTEL_EXPORTER_OTLP_ENDPOINT", "", validate=_optional(_OTLP_URL))
+    protocol = validate.OneOf(["http/protobuf"], error="only http/protobuf is supported")
+    env.str("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf", validate=protocol)
+    env.str("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf", validate=protocol)
+    exporter = env.str("OTEL_TRACES_EXPORTER", "otlp", validate=validate.OneOf(["otlp", "none"]))
+    disabled = env.bool("OTEL_SDK_DISABLED", False)
+    sampler = env.str(
+        "OTEL_TRACES_SAMPLER", "parentbased_always_on", validate=validate.OneOf(TRACE_SAMPLERS)
+    )
+    ratio = env.float(
+        "OTEL_TRACES_SAMPLER_ARG",
+        1.0,
+        validate=validate.Range(0, 1, error="must be a number from 0 to 1"),
+    )
+    if traces_endpoint:
+        endpoint: str | None = traces_endpoint
+    elif base_endpoint:
+        endpoint = base_endpoint.rstrip("/") + "/v1/traces"
+    else:
+        endpoint = None
+    return TracingSettings(
+        endpoint=None if disabled or exporter == "none" else endpoint,
+        service_name=env.str(
+            "OTEL_SERVICE_NAME", "conversations", validate=validate.Length(1, 200)
+        ),
+        sampler=sampler,
+        ratio=ratio,
+    )
+
+
+def _optional(validator: validate.Validator) -> Callable[[str], object]:
+    """`validator`, but an empty value (unset in a ConfigMap) passes."""
+    return lambda value: value == "" or validator(value)
+
+
 def load_migrate_settings() -> MigrateSettings:
     """Only what migrations need, so the migration Job is given the database URL alone."""
     env = Env(eager=False)
@@ -329,6 +403,7 @@ def load_settings() -> Settings:
         idempotency_ttl_hours=env.int(
             "IDEMPOTENCY_TTL_HOURS", 24, validate=validate.Range(1, 24 * 30)
         ),
+        tracing=_tracing_settings(env),
     )
     _seal(env)
     if settings.db_pool_min > settings.db_pool_max:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from service.events.runtime import RELAY_STOP_TIMEOUT_SECONDS
+from service.settings import load_settings
 
 K8S = Path(__file__).parent.parent / "deploy" / "k8s"
 SECRET_TEMPLATE = K8S / "secret.template.yaml"
@@ -342,6 +343,7 @@ def test_network_policies_deny_by_default_and_allow_what_each_process_needs(obje
         }
         assert {("UDP", 53), ("TCP", 53), ("TCP", 5432)} <= egress, component
         assert (("TCP", 5672) in egress) == (component in {"api", "relay"}), component
+        assert (("TCP", 4318) in egress) == (component in {"api", "relay"}), component  # OTLP
         assert (("TCP", 6379) in egress) == (component == "api"), component  # rate limits
         ingress = _policy_rules(objects, workload, "ingress")
         if component == "migrate":
@@ -512,3 +514,21 @@ def test_only_the_api_reaches_the_identity_provider(objects):
             for port in rule["ports"]
         }
         assert (("TCP", 443) in egress) == (component == "api"), component
+
+
+def test_tracing_is_configured_but_off_until_an_overlay_sets_the_endpoint(objects, monkeypatch):
+    """The base ConfigMap's OTEL_* values are valid, and without an endpoint tracing is off."""
+    for workload in _workloads(objects):
+        if _pod(workload)[0]["app.kubernetes.io/component"] == "migrate":
+            continue
+        env = _env(objects, _container(workload))
+        assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("DATABASE_URL", "postgresql://app@db/conversations")
+        monkeypatch.setenv("AMQP_URL", "amqp://app@mq/")
+        monkeypatch.setenv("JWT_HS256_SECRETS", "s" * 40)
+        assert not load_settings().tracing.enabled

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import asyncpg
 from aiohttp import web
 
+from service import tracing
 from service.api import handlers, probes
 from service.api.auth import TokenVerifier
 from service.api.bodies import MAX_BODY_BYTES
@@ -36,6 +37,7 @@ from service.api.middleware import (
 )
 from service.api.openapi import render_openapi
 from service.api.ratelimit import RateLimiter
+from service.api.tracing import server_span_middleware
 from service.conversations import housekeeping, idempotency, repository, sync
 from service.errors import DATABASE_UNAVAILABLE, DatabaseUnreachable
 from service.events.runtime import events_running
@@ -69,6 +71,14 @@ async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
         return await asyncpg.connect(*args, **kwargs)
     except (OSError, TimeoutError) as error:
         raise DatabaseUnreachable(type(error).__name__) from error
+
+
+async def tracing_provider(app: web.Application) -> AsyncIterator[None]:
+    """OpenTelemetry tracing, set up in this process (each worker, after the fork); at the end
+    the spans still batched are exported, for a few seconds at most."""
+    provider = tracing.start(app[SETTINGS].tracing, sql=app[ROLE] == "api")
+    yield
+    await tracing.stop_within(provider)
 
 
 async def database_pool(app: web.Application) -> AsyncIterator[None]:
@@ -181,6 +191,9 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     app[DEPENDENCY_LOG] = Throttle(DEPENDENCY_LOG_INTERVAL_SECONDS)
     app[TOKEN_VERIFIER] = TokenVerifier(settings.auth, metrics=app[METRICS])
     app[OPENAPI_DOCUMENT] = render_openapi()
+    if settings.tracing.enabled:  # else no provider, no instrumentation, no middleware
+        app.middlewares.insert(0, server_span_middleware)
+        app.cleanup_ctx.append(tracing_provider)
     app.cleanup_ctx.append(database_pool)
     app.cleanup_ctx.append(events)
     if role == "api":
