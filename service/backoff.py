@@ -1,7 +1,26 @@
-"""Exponential backoff with full jitter, for reconnecting to what is down."""
+"""Trying again: at once after a lost race, or with exponential backoff and full jitter when
+reconnecting to what is down."""
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def until_settled(attempts: int, attempt: Callable[[int], Awaitable[T | None]]) -> T:
+    """`attempt(number)`, numbered from 0, run again at once while it returns None (it lost a
+    race: what it read changed before it wrote), at most `attempts` times.
+
+    RuntimeError after that: each caller's last attempt is one that cannot lose (it locks, or
+    the state that made it lose is gone), so running out is a bug.
+    """
+    for number in range(attempts):
+        result = await attempt(number)
+        if result is not None:
+            return result
+    raise RuntimeError(f"still losing its race after {attempts} attempts")
 
 
 class Backoff:

@@ -152,7 +152,8 @@ async def test_a_walk_from_nothing_skips_earlier_deletions_and_other_accounts(
 
 
 def _event(kind: str, account: str, conversation: StoredConversation, sequence: int) -> tuple:
-    return outbox.event_row(outbox.build_event(kind, account, conversation, sequence), None)
+    event = outbox.build_event(kind, account, conversation.resource, sequence)
+    return outbox.event_row(event, None)
 
 
 def _new_resource(contact: str) -> dict[str, Any]:
