@@ -28,6 +28,7 @@ from service.logs import (
     AccessLogger,
     ConsoleFormatter,
     JsonFormatter,
+    Throttle,
     set_request_id,
 )
 from tests.events_support import amqp_url
@@ -234,6 +235,24 @@ async def test_an_outage_logs_one_line_per_interval_with_a_count(
     _, second = outage_lines()
     assert second["held_back"] == 19
     assert "and 19 more like it since the last line" in second["message"]
+
+
+def test_the_throttle_admits_a_line_per_interval_and_counts_the_ones_held_back():
+    now = [100.0]
+    throttle = Throttle(10, clock=lambda: now[0])
+    assert throttle.admit("a") == 0  # the first line of a kind goes out
+    assert [throttle.admit("a") for _ in range(3)] == [None] * 3
+    assert throttle.admit("b") == 0  # kinds are apart
+    now[0] += 10
+    assert throttle.admit("a") == 3
+    # A line logged outside it (an outage's end) takes the count and starts a new interval.
+    throttle.admit("a")
+    assert throttle.restart("a") == 1
+    now[0] += 9.9
+    assert throttle.admit("a") is None
+    now[0] += 0.1
+    assert throttle.admit("a") == 1
+    assert throttle.restart("never seen") == 0
 
 
 async def test_work_started_by_a_request_logs_without_the_request_id(json_logs):
