@@ -13,8 +13,8 @@ async def until_settled(attempts: int, attempt: Callable[[int], Awaitable[T | No
     """`attempt(number)`, numbered from 0, run again at once while it returns None (it lost a
     race: what it read changed before it wrote), at most `attempts` times.
 
-    RuntimeError after that: each caller's last attempt is one that cannot lose (it locks, or
-    the state that made it lose is gone), so running out is a bug.
+    RuntimeError after that: each caller allows enough attempts (or makes its last one unable
+    to lose, by locking) that running out means something is wrong.
     """
     for number in range(attempts):
         result = await attempt(number)

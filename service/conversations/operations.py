@@ -23,8 +23,7 @@ T = TypeVar("T")
 # An If-Match header as a set of entity-tag values ("3", or "*" for any version); None if absent.
 IfMatch = frozenset[str] | None
 
-# Inserting can meet a conflict whose row is deleted before we read it; then we simply try again
-# (the third try meeting a third such delete would be a bug).
+# Inserting can meet a conflict whose row is deleted before we read it; then we simply try again.
 _CREATE_ATTEMPTS = 3
 # Optimistic writes that lose the race to a concurrent change read again; the last try locks.
 _WRITE_ATTEMPTS = 5
