@@ -167,15 +167,15 @@ class KeyedAnswer:
 
     def values(self) -> KeyValues:
         """The values of the key's placeholders (`take_key`)."""
-        return KeyValues(
-            lock_id=self.key.lock_id,
-            key=self.key.key,
-            fingerprint=self.key.fingerprint,
-            status=self.answer.status,
-            body=self.answer.body,
-            etag=self.answer.headers.get("ETag"),
-            location=self.answer.headers.get("Location"),
-            ttl_hours=self.key.ttl_hours,
+        return KeyValues(  # positional, in the fields' order: the cheaper way to build one
+            self.key.lock_id,
+            self.key.key,
+            self.key.fingerprint,
+            self.answer.status,
+            self.answer.body,
+            self.answer.headers.get("ETag"),
+            self.answer.headers.get("Location"),
+            self.key.ttl_hours,
         )
 
 

@@ -51,14 +51,14 @@ def build_event(
 
 def event_row(event: dict[str, Any], traceparent: str | None) -> OutboxRow:
     """The outbox row that records `event`."""
-    return OutboxRow(
-        event_id=event["id"],
-        event_type=event["type"],
-        account_id=event["account_id"],
-        conversation_id=event["data"]["object"]["id"],
-        sequence=event["sequence"],
-        payload=orjson.dumps(event).decode(),
-        traceparent=traceparent,
+    return OutboxRow(  # positional: keywords cost a NamedTuple twice the time, on every write
+        event["id"],
+        event["type"],
+        event["account_id"],
+        event["data"]["object"]["id"],
+        event["sequence"],
+        orjson.dumps(event).decode(),
+        traceparent,
     )
 
 
