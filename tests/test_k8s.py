@@ -5,7 +5,10 @@ context, resources, references that resolve, and no secret in the repository."""
 
 import functools
 import importlib
+import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -441,3 +444,71 @@ def test_prod_spreads_the_api_over_nodes():
         and _selects(spread["labelSelector"], labels)
     ]
     assert spreads, "two API pods must not share a node in prod"
+
+
+# What the real Secret holds, in values the settings accept (the template's placeholders would
+# be refused): dev verifies HS256 tokens with it, prod blanks that key.
+SECRET_VALUES = {
+    "DATABASE_URL": "postgresql://conversations:pw@db.example.test:5432/conversations",
+    "AMQP_URL": "amqps://conversations:pw@mq.example.test:5671/",
+    "JWT_HS256_SECRETS": "a-secret-of-at-least-thirty-two-characters",
+}
+
+
+def _process_environment(objects: tuple[Object, ...], container: Object) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: envFrom in order, then env."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(_named(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+        if "secretRef" in source:
+            env.update(SECRET_VALUES)
+    env.update({var["name"]: var["value"] for var in container.get("env", []) if "value" in var})
+    return env
+
+
+_SHOW_AUTH = """
+import json
+from service.settings import load_settings
+auth = load_settings().auth
+print(json.dumps({"hs256": len(auth.hs256_secrets), "audience": auth.audience,
+                  "jwks": list(auth.jwks_urls), "discovery": auth.oidc_discovery}))
+"""
+
+
+@pytest.mark.parametrize("component", ["api", "relay"])
+def test_each_overlay_configures_a_service_that_starts(overlay, objects, component):
+    """The rendered environment passes the service's own validation; prod verifies tokens with
+    the identity provider's keys only, for its own audience; dev keeps the HS256 dev secret."""
+    container = _container(_component(objects, "Deployment", component))
+    env = _process_environment(objects, container)
+    result = subprocess.run(
+        [sys.executable, "-c", _SHOW_AUTH],
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    auth = json.loads(result.stdout)
+    if overlay == "prod":
+        assert auth["hs256"] == 0
+        assert auth["audience"]
+        assert auth["jwks"] or auth["discovery"]
+        assert all(url.startswith("https://") for url in auth["jwks"])
+    else:
+        assert auth["hs256"] == 1
+        assert not auth["jwks"]
+        assert not auth["discovery"]
+
+
+def test_only_the_api_reaches_the_identity_provider(objects):
+    for workload in _workloads(objects):
+        component = _pod(workload)[0]["app.kubernetes.io/component"]
+        egress = {
+            (port["protocol"], port["port"])
+            for rule in _policy_rules(objects, workload, "egress")
+            for port in rule["ports"]
+        }
+        assert (("TCP", 443) in egress) == (component == "api"), component

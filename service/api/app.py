@@ -140,6 +140,18 @@ async def rate_limits(app: web.Application) -> AsyncIterator[None]:
     await limiter.close()
 
 
+async def signing_keys(app: web.Application) -> AsyncIterator[None]:
+    """The JWKS signing keys: a first fetch started at start-up (not awaited: a provider that is
+    down must not keep the service from starting), refreshed from then on by the verifier."""
+    jwks = app[TOKEN_VERIFIER].jwks
+    if jwks is None:
+        yield
+        return
+    await jwks.start()
+    yield
+    await jwks.close()
+
+
 async def stop_being_ready(app: web.Application) -> None:
     """First thing on SIGTERM: /readyz fails, so no new traffic is routed here."""
     app[LIFECYCLE].stopping = True
@@ -167,7 +179,7 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics()
     app[DEPENDENCY_LOG] = Throttle(DEPENDENCY_LOG_INTERVAL_SECONDS)
-    app[TOKEN_VERIFIER] = TokenVerifier(settings.auth)
+    app[TOKEN_VERIFIER] = TokenVerifier(settings.auth, metrics=app[METRICS])
     app[OPENAPI_DOCUMENT] = render_openapi()
     app.cleanup_ctx.append(database_pool)
     app.cleanup_ctx.append(events)
@@ -181,6 +193,7 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     if role == "relay":
         return app
     app.cleanup_ctx.append(rate_limits)
+    app.cleanup_ctx.append(signing_keys)  # only here: the relay role verifies no token
     app.on_response_prepare.append(add_rate_limit_headers)
     app.router.add_get("/openapi.json", probes.openapi_document)
     app.router.add_get("/v1/conversations", handlers.list_conversations)

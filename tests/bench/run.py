@@ -1,6 +1,6 @@
 """The benchmark harness behind `make bench`: seed, start each server, drive it, report.
 
-    python -m tests.bench.run [--quick] [--profile] [--only relay] [--only relays]
+    python -m tests.bench.run [--quick] [--profile] [--only relay] [--only relays] [--only jwks]
 
 Needs DATABASE_URL (a server where it may drop and create `conversations_bench`), AMQP_URL and
 JWT_HS256_SECRETS, as `make env` prints them (`make bench` sets them). Prints each figure as it
@@ -29,6 +29,7 @@ from aio_pika.abc import AbstractQueue
 from service.conversations import repository
 from service.settings import load_auth_settings
 from tests.bench import report
+from tests.bench.jwks import jwks_provider
 from tests.bench.load import Commands, LoadResult, find_pgbench, pgbench, wrk
 from tests.bench.processes import Server, free_port, running
 from tests.bench.profile import record, summarize
@@ -232,11 +233,18 @@ def _common_env(bench: Bench, port: int) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def service(bench: Bench, rate_limits: str = "off") -> AsyncIterator[Server]:
+async def service(
+    bench: Bench,
+    rate_limits: str = "off",
+    *,
+    auth_env: dict[str, str] | None = None,
+    dataset: Dataset | None = None,
+) -> AsyncIterator[Server]:
     """The service as in production: `conversations serve` (workers, JSON access log, metrics,
     `RELAY_ENABLED=false`) and `conversations relay` in a process of its own, as the Kubernetes
-    manifests deploy them, with the rate limits of RATE_LIMITS[rate_limits]. Yields the API
-    server."""
+    manifests deploy them, with the rate limits of RATE_LIMITS[rate_limits] and the token
+    settings of `auth_env` (default: JWT_HS256_SECRETS), ready when a token of `dataset`
+    (default: the seeded one) reads. Yields the API server."""
     port = free_port()
     relay_port = free_port()
     env = {
@@ -250,6 +258,7 @@ async def service(bench: Bench, rate_limits: str = "off") -> AsyncIterator[Serve
         "EVENTS_EXCHANGE": EXCHANGE,
         "SHUTDOWN_TIMEOUT_SECONDS": "5",
         **RATE_LIMITS[rate_limits],
+        **(auth_env or {}),
     }
     command = str(Path(sys.executable).with_name("conversations"))
 
@@ -275,7 +284,7 @@ async def service(bench: Bench, rate_limits: str = "off") -> AsyncIterator[Serve
             port=port,
             workers=WORKERS,
             log_path=BENCH_DIR / "service.log",
-            ready=_readiness(bench.dataset, probe="/readyz"),
+            ready=_readiness(dataset or bench.dataset, probe="/readyz"),
         ) as api,
     ):
         yield api
@@ -453,6 +462,28 @@ async def scenario_rate_limits(bench: Bench) -> None:
     bench.check(rate_check("limits_in_process_vs_off", what, in_process, off, 0.95))
     what = "GET by id, rate limits in Redis / off"
     bench.check(rate_check("limits_redis_vs_off", what, redis, off, 0.8))
+
+
+async def scenario_jwks(bench: Bench) -> None:
+    """Scenario 10: one service that takes both HS256 tokens and RS256 tokens whose key it
+    fetched from a JWKS (tests/bench/jwks.py); GET by id with each kind in turn, at least two
+    rounds, and the target on each kind's best round."""
+    rounds = []
+    async with (
+        jwks_provider(bench.dataset, BENCH_DIR / "jwks-data") as provider,
+        service(bench, auth_env=provider.service_env(), dataset=provider.rs256) as server,
+    ):
+        for number in range(1, max(2, bench.plan.rounds) + 1):
+            measured = []
+            for kind, dataset in (("HS256", provider.hs256), ("RS256 from a JWKS", provider.rs256)):
+                # The same run (its lists are shared), reading this kind's tokens for wrk.
+                each = dataclasses.replace(bench, dataset=dataset)
+                subject = f"{SERVICE_GET}, {kind} (round {number})"
+                measured.append(await get_by_id(each, server, subject, "10"))
+            rounds.append(measured)
+        bench.say(f"  JWKS fetches by the service: {len(provider.requests)}")
+    hs256, rs256 = (_best(runs) for runs in zip(*rounds, strict=True))
+    bench.check(rate_check("jwks_vs_hs256", "GET by id, JWKS RS256 / HS256", rs256, hs256, 0.9))
 
 
 async def scenario_list(bench: Bench, server: Server, get: Measurement) -> Measurement:
@@ -832,6 +863,9 @@ async def main(plan: Plan) -> None:
                 if name == "relays":  # its own relays, no service
                     await scenario_relays(bench, sink)
                     continue
+                if name == "jwks":  # its own services
+                    await scenario_jwks(bench)
+                    continue
                 async with service(bench) as server:
                     if name == "relay":  # the service's relay, and the broker's sink
                         await scenario_relay(bench, server, sink)
@@ -853,6 +887,7 @@ async def main(plan: Plan) -> None:
             await scenario_relay(bench, server, sink)
             await scenario_mixed(bench, server)
         await scenario_rate_limits(bench)
+        await scenario_jwks(bench)
         await scenario_relays(bench, sink)  # its own relays: the service's would join them
     elapsed = time.monotonic() - started
     machine = report.machine(
@@ -898,7 +933,7 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--profile", action="store_true", help="profile in quick mode too (py-spy)")
     parser.add_argument(
         "--only",
-        choices=sorted([*ALONE, "relay", "relays"]),
+        choices=sorted([*ALONE, "relay", "relays", "jwks"]),
         action="append",
         default=[],
         help="run only this scenario (repeatable); prints, writes no document",
