@@ -6,7 +6,7 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import orjson
@@ -45,19 +45,27 @@ class Throttle:
     An outage fails every request the same way: one line with a count says as much as thousands.
     """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
+        self._clock = clock
         self._windows: dict[Hashable, tuple[float, int]] = {}  # kind -> (window start, held back)
 
     def admit(self, kind: Hashable) -> int | None:
         """None if this line is held back; otherwise how many were since the last one."""
-        now = time.monotonic()
+        now = self._clock()
         start, held = self._windows.get(kind, (-math.inf, 0))
         if now - start >= self.interval:
             self._windows[kind] = (now, 0)
             return held
         self._windows[kind] = (start, held + 1)
         return None
+
+    def restart(self, kind: Hashable) -> int:
+        """How many lines of `kind` were held back, for a line logged now outside `admit` (an
+        outage's first or last); the next one is admitted `interval` seconds from now."""
+        _, held = self._windows.get(kind, (-math.inf, 0))
+        self._windows[kind] = (self._clock(), 0)
+        return held
 
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged.
