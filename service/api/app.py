@@ -10,7 +10,7 @@ import asyncpg
 from aiohttp import web
 
 from service import tracing
-from service.api import handlers, probes
+from service.api import handlers, openapi, probes
 from service.api.auth import TokenVerifier
 from service.api.bodies import MAX_BODY_BYTES
 from service.api.keys import (
@@ -35,8 +35,8 @@ from service.api.middleware import (
     request_id_middleware,
     scope_middleware,
 )
-from service.api.openapi import render_openapi
 from service.api.ratelimit import RateLimiter
+from service.api.routes import API_PREFIX, add_routes
 from service.api.tracing import server_span_middleware
 from service.conversations import housekeeping, idempotency, repository, sync
 from service.errors import DATABASE_UNAVAILABLE, DatabaseUnreachable
@@ -172,16 +172,14 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
 
     `api` serves /v1/conversations (and runs the relay too unless RELAY_ENABLED=false);
     `relay` runs the relay and serves only the probes and /metrics.
+
+    The routes come from the operations the handlers declare (`routes.py`). The root
+    application's middlewares apply to every request, unknown paths' 404s and 405s included;
+    /v1 is a sub-application whose own middlewares run inside them. The shared state and the
+    resources' lifetimes are the root's.
     """
     app = web.Application(
-        middlewares=[
-            metrics_middleware,
-            request_id_middleware,
-            error_middleware,
-            auth_middleware,
-            rate_limit_middleware,
-            scope_middleware,
-        ],
+        middlewares=[metrics_middleware, request_id_middleware, error_middleware],
         client_max_size=MAX_BODY_BYTES,
     )
     app[SETTINGS] = settings
@@ -190,7 +188,6 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     app[METRICS] = Metrics()
     app[DEPENDENCY_LOG] = Throttle(DEPENDENCY_LOG_INTERVAL_SECONDS)
     app[TOKEN_VERIFIER] = TokenVerifier(settings.auth, metrics=app[METRICS])
-    app[OPENAPI_DOCUMENT] = render_openapi()
     if settings.tracing.enabled:  # else no provider, no instrumentation, no middleware
         app.middlewares.insert(0, server_span_middleware)
         app.cleanup_ctx.append(tracing_provider)
@@ -200,24 +197,22 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
         app.cleanup_ctx.append(housekeeping_task)
     app.on_shutdown.append(stop_being_ready)
 
-    app.router.add_get("/healthz", probes.healthz)
-    app.router.add_get("/readyz", probes.readyz)
-    app.router.add_get("/metrics", probes.metrics)
+    add_routes(app.router, probes.routes)
     if role == "relay":
         return app
     app.cleanup_ctx.append(rate_limits)
     app.cleanup_ctx.append(signing_keys)  # only here: the relay role verifies no token
-    app.on_response_prepare.append(add_rate_limit_headers)
-    app.router.add_get("/openapi.json", probes.openapi_document)
-    app.router.add_get("/v1/conversations", handlers.list_conversations)
-    app.router.add_post("/v1/conversations", handlers.create_conversation)
-    app.router.add_get("/v1/conversations/changes", handlers.list_changes)
-    # Any segment but "changes" names a conversation (a malformed id is the handlers' 404), so a
-    # method /changes lacks is a 405 that lists only its own methods.
-    item = app.router.add_resource("/v1/conversations/{id:(?!changes$)[^/]+}", name="conversation")
-    item.add_route("GET", handlers.retrieve_conversation)
-    item.add_route("HEAD", handlers.retrieve_conversation)
-    item.add_route("PUT", handlers.update_conversation)
-    item.add_route("PATCH", handlers.update_conversation)
-    item.add_route("DELETE", handlers.delete_conversation)
+    app[OPENAPI_DOCUMENT] = openapi.render_openapi()
+    add_routes(app.router, openapi.routes)
+    app.add_subapp(API_PREFIX, api_application())
     return app
+
+
+def api_application() -> web.Application:
+    """The /v1 sub-application: every request needs a token (401), draws on its account's
+    budget (429) and needs the scope of its method (403), in that order."""
+    api = web.Application(middlewares=[auth_middleware, rate_limit_middleware, scope_middleware])
+    # Routes and hooks first: mounting freezes them, and prefixes the routes with API_PREFIX.
+    add_routes(api.router, handlers.routes, prefix=API_PREFIX)
+    api.on_response_prepare.append(add_rate_limit_headers)
+    return api

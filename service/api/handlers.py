@@ -1,7 +1,12 @@
 """HTTP handlers for /v1/conversations: HTTP and schemas only; the work is in `conversations`.
 
-A write handler reads its input and gives `run_write` the operation and how its result is
-answered: under an Idempotency-Key the domain stores that answer with the write."""
+Each handler is declared with its operation (`routes`): the router and the OpenAPI document
+are built from those declarations. A write handler reads its input and gives `run_write` the
+operation and how its result is answered: under an Idempotency-Key the domain stores that
+answer with the write.
+
+The handlers run in the /v1 sub-application: the shared state is the root application's
+(`keys.shared`)."""
 
 import contextlib
 import re
@@ -13,15 +18,20 @@ from aiohttp import web
 
 from schemas import (
     ConversationChangesQuerySchema,
+    ConversationChangesSchema,
     ConversationCreateSchema,
     ConversationListQuerySchema,
+    ConversationListSchema,
+    ConversationSchema,
     ConversationUpdateSchema,
+    DeletedConversationSchema,
     cursor,
 )
 from schemas.fields import CONVERSATION_ID_PATTERN, METADATA_MAX_KEYS, TRACEPARENT_PATTERN
 from service.api.bodies import load_query, read_body
 from service.api.idempotency import json_answer, response, run_write
-from service.api.keys import DB_POOL, PRINCIPAL, SETTINGS
+from service.api.keys import DB_POOL, PRINCIPAL, SETTINGS, shared
+from service.api.routes import Answer, RouteTable
 from service.conversations import operations, sync
 from service.conversations.idempotency import Keyed, StoredAnswer
 from service.conversations.operations import (
@@ -40,6 +50,20 @@ _list_query_schema = ConversationListQuerySchema()
 _changes_query_schema = ConversationChangesQuerySchema()
 _ID = re.compile(CONVERSATION_ID_PATTERN)
 _TRACEPARENT = re.compile(TRACEPARENT_PATTERN)
+
+routes = RouteTable()
+
+COLLECTION = "/v1/conversations"
+# Any segment but "changes" names a conversation (a malformed id is the handlers' 404), so a
+# method /changes lacks is a 405 that lists only its own methods.
+ITEM = "/v1/conversations/{id:(?!changes$)[^/]+}"
+_ITEM_ROUTE = "conversation"  # the item's route name, for the Location of a new one
+_NOT_FOUND = {404: "No such conversation."}
+
+
+def _conversation(description: str, *headers: str) -> Answer:
+    """An answer that carries one conversation, and so its version as the ETag."""
+    return Answer(description, ConversationSchema, ("ETag", *headers))
 
 
 def json_response(
@@ -95,13 +119,22 @@ def _traceparent(request: web.Request) -> str | None:
     return value if _TRACEPARENT.fullmatch(value) else None
 
 
+@routes.operation(
+    "GET",
+    COLLECTION,
+    summary="List conversations, newest first or by last activity",
+    operation_id="listConversations",
+    query=ConversationListQuerySchema,
+    answers={200: Answer("A page.", ConversationListSchema)},
+    errors={400: "`starting_after` and `ending_before` together."},
+)
 async def list_conversations(request: web.Request) -> web.Response:
-    """GET /v1/conversations: a page in the order asked for (newest first by default)."""
+    """A page in the order asked for (newest first by default)."""
     query = load_query(_list_query_schema, request)
     if "starting_after" in query and "ending_before" in query:
         raise ApiError(400, "Use starting_after or ending_before, not both.", param="ending_before")
     page = await operations.list_page(
-        request.app[DB_POOL],
+        shared(request)[DB_POOL],
         request[PRINCIPAL].account_id,
         ListFilter(
             archived=query.get("archived"),
@@ -134,16 +167,34 @@ def _cursor(sort: cursor.Sort, item: dict[str, Any]) -> str:
     return cursor.encode(sort, cursor.Position(item["id"], item["last_active_at"]))
 
 
+@routes.operation(
+    "GET",
+    f"{COLLECTION}/changes",
+    summary="Delta sync: the account's changes since a token",
+    description=(
+        "Call with `next_since` until `has_more` is false, then keep `next_since` for the next "
+        'sync. Each item is the conversation as it is now, or `{"id", "deleted": true}`; a '
+        "conversation may come more than once (the later item wins). A change that commits "
+        "late is delivered late, never skipped."
+    ),
+    operation_id="listConversationChanges",
+    query=ConversationChangesQuerySchema,
+    answers={200: Answer("A page of changes.", ConversationChangesSchema)},
+    errors={
+        410: "`since` is older than the sync retention: start again without it.",
+        422: "A `since` token that this service did not issue for this account.",
+    },
+)
 async def list_changes(request: web.Request) -> web.Response:
-    """GET /v1/conversations/changes: the account's changes since a token (delta sync)."""
+    """The account's changes since a token (delta sync)."""
     query = load_query(_changes_query_schema, request)
     try:
         page = await sync.changes(
-            request.app[DB_POOL],
+            shared(request)[DB_POOL],
             request[PRINCIPAL].account_id,
             query.get("since"),
             limit=query["limit"],
-            retention_seconds=request.app[SETTINGS].sync_retention_seconds,
+            retention_seconds=shared(request)[SETTINGS].sync_retention_seconds,
         )
     except sync.MalformedSyncToken:
         message = "since is not a token this service issued for this account."
@@ -159,15 +210,26 @@ async def list_changes(request: web.Request) -> web.Response:
     )
 
 
+@routes.operation(
+    "POST",
+    COLLECTION,
+    summary="Create a conversation (or get the contact's or group's existing one)",
+    operation_id="createConversation",
+    body=ConversationCreateSchema,
+    answers={
+        201: _conversation("Created.", "Location"),
+        200: _conversation("The contact or group already has this conversation."),
+    },
+)
 async def create_conversation(request: web.Request) -> web.Response:
-    """POST /v1/conversations: 201 and the new conversation, or 200 and the existing one."""
+    """201 and the new conversation, or 200 and the existing one."""
     fields = await read_body(request, _create_schema)
 
     def render(result: tuple[StoredConversation, bool]) -> StoredAnswer:
         conversation, created = result
         if not created:
             return _conversation_answer(conversation)
-        location = request.app.router["conversation"].url_for(id=conversation.resource["id"])
+        location = request.app.router[_ITEM_ROUTE].url_for(id=conversation.resource["id"])
         return _conversation_answer(conversation, status=201, headers={"Location": str(location)})
 
     async def create(
@@ -175,7 +237,7 @@ async def create_conversation(request: web.Request) -> web.Response:
     ) -> tuple[StoredConversation, bool]:
         with _domain_errors():
             return await operations.create(
-                request.app[DB_POOL],
+                shared(request)[DB_POOL],
                 request[PRINCIPAL].account_id,
                 fields,
                 _traceparent(request),
@@ -185,24 +247,45 @@ async def create_conversation(request: web.Request) -> web.Response:
     return await run_write(request, fields, create, render)
 
 
+@routes.operation(
+    "GET",
+    ITEM,
+    summary="Retrieve a conversation",
+    operation_id="retrieveConversation",
+    answers={200: _conversation("The conversation.")},
+    errors=_NOT_FOUND,
+    name=_ITEM_ROUTE,
+)
 async def retrieve_conversation(request: web.Request) -> web.Response:
-    """GET /v1/conversations/{id}."""
+    """One conversation of the caller's account."""
     with _domain_errors():
         conversation = await operations.get(
-            request.app[DB_POOL], request[PRINCIPAL].account_id, _path_id(request)
+            shared(request)[DB_POOL], request[PRINCIPAL].account_id, _path_id(request)
         )
     return response(_conversation_answer(conversation))
 
 
+_UPDATE: dict[str, Any] = {
+    "summary": "Update a conversation (partial)",
+    "body": ConversationUpdateSchema,
+    "if_match": True,
+    "answers": {200: _conversation("Updated (or unchanged).")},
+    "errors": _NOT_FOUND,
+    "name": _ITEM_ROUTE,
+}
+
+
+@routes.operation("PUT", ITEM, operation_id="updateConversation", **_UPDATE)
+@routes.operation("PATCH", ITEM, operation_id="patchConversation", **_UPDATE)
 async def update_conversation(request: web.Request) -> web.Response:
-    """PUT or PATCH /v1/conversations/{id}: a partial update."""
+    """A partial update (PUT and PATCH alike)."""
     conversation_id = _path_id(request)
     changes = await read_body(request, _update_schema)
 
     async def update(keyed: Keyed[StoredConversation] | None) -> StoredConversation:
         with _domain_errors():
             return await operations.update(
-                request.app[DB_POOL],
+                shared(request)[DB_POOL],
                 request[PRINCIPAL].account_id,
                 conversation_id,
                 changes,
@@ -214,14 +297,24 @@ async def update_conversation(request: web.Request) -> web.Response:
     return await run_write(request, changes, update, _conversation_answer)
 
 
+@routes.operation(
+    "DELETE",
+    ITEM,
+    summary="Delete a conversation permanently",
+    operation_id="deleteConversation",
+    if_match=True,
+    answers={200: Answer("Deleted.", DeletedConversationSchema)},
+    errors=_NOT_FOUND,
+    name=_ITEM_ROUTE,
+)
 async def delete_conversation(request: web.Request) -> web.Response:
-    """DELETE /v1/conversations/{id}: permanent."""
+    """Permanent: a later read, update or delete is a 404."""
     conversation_id = _path_id(request)
 
     async def delete(keyed: Keyed[StoredConversation] | None) -> StoredConversation:
         with _domain_errors():
             return await operations.delete(
-                request.app[DB_POOL],
+                shared(request)[DB_POOL],
                 request[PRINCIPAL].account_id,
                 conversation_id,
                 _if_match(request),

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
-from service.api.keys import DB_POOL, PRINCIPAL, SETTINGS
+from service.api.keys import DB_POOL, PRINCIPAL, SETTINGS, shared
 from service.api.middleware import error_response
 from service.conversations import idempotency
 from service.conversations.idempotency import (
@@ -35,7 +35,7 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 _KEY = re.compile(r"[\x20-\x7e]{1,255}")
 # Refusals of the domain are answers like any other: a retry must get them again, not a
 # different answer because the world changed meanwhile. Every other error is not stored.
-_STORED_ERRORS = frozenset({404, 412})
+STORED_ERRORS = frozenset({404, 412})
 # The headers an answer is replayed with (the content type is always JSON).
 _STORED_HEADERS = ("ETag", "Location")
 # How long a request that finds its key in use is asked to wait.
@@ -67,7 +67,7 @@ def idempotency_key(request: web.Request, body: dict[str, Any] | None) -> Idempo
         request[PRINCIPAL].account_id,
         values[0],
         fingerprint(request, body),
-        request.app[SETTINGS].idempotency_ttl_hours,
+        shared(request)[SETTINGS].idempotency_ttl_hours,
     )
 
 
@@ -112,10 +112,12 @@ async def run_write(
         try:
             answer = render(await operation(keyed))
         except ApiError as error:
-            if keyed is None or error.status not in _STORED_ERRORS:
+            if keyed is None or error.status not in STORED_ERRORS:
                 raise
             answer = _refusal(request, error)
-            await idempotency.store_refusal(request.app[DB_POOL], KeyedAnswer(keyed.key, answer))
+            await idempotency.store_refusal(
+                shared(request)[DB_POOL], KeyedAnswer(keyed.key, answer)
+            )
     except AlreadyAnswered as stored:
         return response(stored.answer, replayed=True)
     except KeyInUse:

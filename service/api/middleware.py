@@ -1,5 +1,7 @@
-"""Request id, error rendering, authentication, rate limits and scopes: the layers around every
-handler."""
+"""The layers around the handlers. Around every request (the root application): metrics,
+request id, error rendering. Around the API's (the /v1 sub-application, inside those):
+authentication, rate limits, scopes. The sub-application's middlewares read the shared state
+from the root application (`keys.shared`)."""
 
 import logging
 import os
@@ -23,6 +25,7 @@ from service.api.keys import (
     REQUEST_ID,
     SETTINGS,
     TOKEN_VERIFIER,
+    shared,
 )
 from service.api.ratelimit import WRITE_METHODS
 from service.errors import ApiError, database_unavailable, error_type, validation_error
@@ -123,7 +126,8 @@ def _log_failure(
 
 def error_response(request: web.Request, error: ApiError) -> web.Response:
     """The contract's error body for `error`, answering `request`."""
-    return render_error(error, request.get(REQUEST_ID, ""), request.app[SETTINGS].error_docs_url)
+    docs_url = shared(request)[SETTINGS].error_docs_url  # the root's, from a sub-application
+    return render_error(error, request.get(REQUEST_ID, ""), docs_url)
 
 
 def render_error(error: ApiError, request_id: str, docs_url: str) -> web.Response:
@@ -149,8 +153,6 @@ def render_error(error: ApiError, request_id: str, docs_url: str) -> web.Respons
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every /v1 request needs a valid bearer token (401 otherwise); its scope is checked by
     `scope_middleware`, after the request drew on its budget."""
-    if not request.path.startswith("/v1/"):
-        return await handler(request)
     credentials = request.headers.getall("Authorization", [])
     if len(credentials) > 1:  # which one counts is ambiguous: a proxy may have added one
         raise ApiError(
@@ -166,7 +168,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             headers={"WWW-Authenticate": 'Bearer realm="conversations"'},
         )
     try:
-        principal = await request.app[TOKEN_VERIFIER].authenticate(token.strip())
+        principal = await shared(request)[TOKEN_VERIFIER].authenticate(token.strip())
     except InvalidToken as error:
         raise ApiError(
             401,
@@ -175,7 +177,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         ) from None
     except SigningKeysUnavailable as error:
         # Not the caller's fault: the key may well be good, we cannot fetch it to know.
-        held_back = request.app[DEPENDENCY_LOG].admit(SigningKeysUnavailable)
+        held_back = shared(request)[DEPENDENCY_LOG].admit(SigningKeysUnavailable)
         if held_back is not None:
             _log_failure(
                 request, error, "signing key unknown, JWKS provider down", held_back=held_back
@@ -189,16 +191,23 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+def scope_for(method: str) -> str:
+    """The scope a request with `method` needs."""
+    return READ_SCOPE if method in _READ_METHODS else WRITE_SCOPE
+
+
+def budget_for(method: str) -> str:
+    """The budget a request with `method` draws on: "read" or "write"."""
+    return "write" if method in WRITE_METHODS else "read"
+
+
 @web.middleware
 async def scope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A /v1 request's token must carry the scope its method calls for: 403 otherwise. It runs
     after the rate limits, so a 403 is an authenticated answer that drew on its budget and
     carries the X-RateLimit-* headers, as the contract says of every one but a 401."""
-    principal = request.get(PRINCIPAL)
-    if principal is None:  # not /v1: no token was asked for
-        return await handler(request)
-    needed = READ_SCOPE if request.method in _READ_METHODS else WRITE_SCOPE
-    if needed not in principal.scopes:
+    needed = scope_for(request.method)
+    if needed not in request[PRINCIPAL].scopes:
         raise ApiError(
             403,
             f"The bearer token lacks the {needed} scope.",
@@ -234,15 +243,11 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Draw each authenticated request on its account's read or write budget; 429 when spent.
 
-    Runs after authentication and before the scope check: what has no principal (the probes,
-    /metrics, /openapi.json, a 401) draws on nothing; a 403 draws like any other answer.
+    Runs after authentication and before the scope check: a 401 draws on nothing; a 403 draws
+    like any other answer. (The probes, /metrics and /openapi.json are outside /v1: never.)
     """
-    principal = request.get(PRINCIPAL)
-    limiter = request.app.get(RATE_LIMITER)  # the relay role serves no /v1 and has none
-    if principal is None or limiter is None:
-        return await handler(request)
-    budget = "write" if request.method in WRITE_METHODS else "read"
-    quota = await limiter.draw(principal.account_id, budget)
+    budget = budget_for(request.method)
+    quota = await shared(request)[RATE_LIMITER].draw(request[PRINCIPAL].account_id, budget)
     if quota is not None:
         request[RATE_LIMIT_QUOTA] = quota
         if not quota.allowed:

@@ -1,4 +1,4 @@
-"""Operational endpoints: liveness, readiness, metrics and the OpenAPI document."""
+"""Operational endpoints: liveness, readiness and metrics, served without the API's token."""
 
 import asyncio
 import contextlib
@@ -7,16 +7,10 @@ import hmac
 import asyncpg
 from aiohttp import web
 
+from schemas import HealthSchema, ReadinessSchema
 from service.api.handlers import json_response
-from service.api.keys import (
-    DB_POOL,
-    EVENTS,
-    LIFECYCLE,
-    METRICS,
-    OPENAPI_DOCUMENT,
-    RATE_LIMITER,
-    SETTINGS,
-)
+from service.api.keys import DB_POOL, EVENTS, LIFECYCLE, METRICS, RATE_LIMITER, SETTINGS
+from service.api.routes import Answer, RouteTable
 from service.errors import DATABASE_SESSION_FAILURES, ApiError
 from service.metrics import Metrics
 from service.migrations import pending_migrations
@@ -27,7 +21,15 @@ READINESS_TIMEOUT_SECONDS = 2.0
 # outage that could outlast the probe, and a report must never make the pod unready.
 BACKLOG_TIMEOUT_SECONDS = 0.5
 
+routes = RouteTable()
 
+
+@routes.operation(
+    "GET",
+    "/healthz",
+    summary="Liveness: the process answers",
+    answers={200: Answer("OK.", HealthSchema)},
+)
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers. Never looks at a dependency."""
     return json_response({"status": "ok"})
@@ -55,6 +57,13 @@ ORDER BY p
 """
 
 
+@routes.operation(
+    "GET",
+    "/readyz",
+    summary="Readiness: PostgreSQL reachable, migrations applied",
+    answers={200: Answer("OK.", ReadinessSchema)},
+    errors={503: "Not ready."},
+)
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: PostgreSQL answers and every shipped migration is applied.
 
@@ -121,8 +130,15 @@ async def _rate_limits(request: web.Request) -> str:
     return "connected" if await limiter.store_reachable() else "disconnected"
 
 
+@routes.operation(
+    "GET",
+    "/metrics",
+    summary="Metrics, in the Prometheus text format",
+    answers={200: Answer("The metrics.", {"type": "string"}, media_type="text/plain")},
+    errors={401: "METRICS_TOKEN is set and the request does not carry it as a bearer token."},
+)
 async def metrics(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text format; the gauges are read now, at scrape time."""
+    """Prometheus text format; the gauges are read now, at scrape time."""
     token = request.app[SETTINGS].metrics_token
     if token is not None and not hmac.compare_digest(
         request.headers.get("Authorization", ""), f"Bearer {token}"
@@ -158,8 +174,3 @@ def _set_backlog(registry: Metrics, partitions: list[asyncpg.Record]) -> None:
         registry.outbox_partition_oldest_age.labels(label).set(row["oldest_age"])
     registry.outbox_pending.set(sum(row["pending"] for row in partitions))
     registry.outbox_oldest_age.set(max((row["oldest_age"] for row in partitions), default=0))
-
-
-async def openapi_document(request: web.Request) -> web.Response:
-    """GET /openapi.json: the document generated from the schemas."""
-    return web.Response(body=request.app[OPENAPI_DOCUMENT], content_type="application/json")
