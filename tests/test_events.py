@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import datetime
 import io
+import logging
 import os
 import signal
 import sys
@@ -21,10 +22,10 @@ from schemas import ReadinessSchema
 from schemas.event import EventSchema
 from service.api.app import create_app
 from service.backoff import Backoff
+from service.conversations import housekeeping
+from service.conversations.housekeeping import DELETE_PUBLISHED_OUTBOX, published_outbox_rows
 from service.events.broker import Broker, Outgoing
 from service.events.relay import (
-    CLEANUP_BATCH,
-    DELETE_PUBLISHED,
     SELECT_PENDING,
     SESSION_SETTINGS,
     Relay,
@@ -259,6 +260,7 @@ async def test_the_relay_resumes_once_the_broker_is_back_not_after_its_backoff(
     event_settings, aiohttp_client, headers, subscriber, db, caplog
 ):
     # The relay once slept out its backoff ("retrying in 26.5s") after RabbitMQ was back.
+    caplog.set_level(logging.INFO, logger="service.events.relay")
     parts = urlsplit(amqp_url())
     proxy = TcpProxy(parts.hostname, parts.port)
     await proxy.start()
@@ -274,8 +276,12 @@ async def test_the_relay_resumes_once_the_broker_is_back_not_after_its_backoff(
 
             await proxy.cut()
             await create(client, headers, contact_id="during")  # wakes the relay: it fails
+            # It waits its backoff: after a failed publish, or after leaving the relays.
             await wait_until(
-                lambda: _true(f"retrying in {LONG_BACKOFF_SECONDS:.1f}s" in caplog.text)
+                lambda: _true(
+                    f"retrying in {LONG_BACKOFF_SECONDS:.1f}s" in caplog.text
+                    or "relay left the relays until RabbitMQ is back" in caplog.text
+                )
             )
             await proxy.start()
             # Well before the backoff would end: resumed by the reconnect, not by the clock.
@@ -439,7 +445,18 @@ async def test_commits_within_the_linger_after_a_notify_go_out_in_one_batch(
     assert [m.message_id for m in received] == [message_id for *_, message_id in log]
 
 
-async def test_published_rows_past_retention_are_removed_in_batches(event_settings, db):
+RETENTION_SECONDS = 72 * 3600.0
+
+
+async def remove_published(db_url: str) -> int:
+    """One housekeeping run of the outbox's retention (72 hours): the rows it removed."""
+    async with asyncpg.create_pool(db_url, min_size=1, max_size=1) as pool:
+        removed = await housekeeping.run_once(pool, [published_outbox_rows(RETENTION_SECONDS)])
+    assert removed is not None
+    return removed["published outbox rows"]
+
+
+async def test_published_rows_past_retention_are_removed_in_batches(db, db_url):
     await db.execute(
         """
         INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload,
@@ -450,13 +467,12 @@ async def test_published_rows_past_retention_are_removed_in_batches(event_settin
         FROM generate_series(1, 2700) AS n
         """
     )
-    relay = Relay(event_settings.database_url, Broker(amqp_url(), "unused"), event_settings.events)
-    assert await relay.remove_published(db) == 2500
+    assert await remove_published(db_url) == 2500
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 100
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 100
 
 
-async def test_retention_reads_only_the_oldest_rows_and_passes_a_pending_one(event_settings, db):
+async def test_retention_reads_only_the_oldest_rows_and_passes_a_pending_one(db, db_url):
     """Nothing expired: the statement reads one batch of the oldest rows, not the outbox. A row
     still pending among the oldest (its broker was down) does not keep back the expired rows
     published after it."""
@@ -471,20 +487,20 @@ async def test_retention_reads_only_the_oldest_rows_and_passes_a_pending_one(eve
         FROM generate_series(1, 20000) AS n
         """
     )
-    relay = Relay(event_settings.database_url, Broker(amqp_url(), "unused"), event_settings.events)
-    assert await relay.remove_published(db) == 2499
+    assert await remove_published(db_url) == 2499
     ids = await db.fetch("SELECT id FROM outbox ORDER BY id LIMIT 2")
     assert await db.fetchval("SELECT published_at IS NULL FROM outbox WHERE id = $1", ids[0]["id"])
     assert await db.fetchval("SELECT count(*) FROM outbox") == 20000 - 2499
+    batch = housekeeping.BATCH_SIZE
     plan = await db.fetchval(
-        f"EXPLAIN (ANALYZE, FORMAT JSON) {DELETE_PUBLISHED}", 72 * 3600.0, CLEANUP_BATCH
+        f"EXPLAIN (ANALYZE, FORMAT JSON) {DELETE_PUBLISHED_OUTBOX}", batch, RETENTION_SECONDS
     )
     scans = [n for n in plan_nodes(orjson.loads(plan)[0]["Plan"]) if "Relation Name" in n]
     assert scans, plan
     read = [
         (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in scans
     ]
-    assert max(read) <= CLEANUP_BATCH, plan
+    assert max(read) <= batch, plan
 
 
 # --- events tail ------------------------------------------------------------------------------
