@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import gc
 import io
 import logging
 import os
@@ -24,6 +25,7 @@ from service.api.app import create_app
 from service.backoff import Backoff
 from service.conversations import housekeeping
 from service.conversations.housekeeping import DELETE_PUBLISHED_OUTBOX, published_outbox_rows
+from service.events import amqp_logs
 from service.events.broker import Broker, Outgoing
 from service.events.relay import (
     SELECT_PENDING,
@@ -33,6 +35,7 @@ from service.events.relay import (
     select_pending_of,
 )
 from service.events.tail import tail
+from service.logs import Throttle
 from tests.events_support import (
     RecordingBroker,
     amqp_url,
@@ -296,6 +299,57 @@ async def test_the_relay_resumes_once_the_broker_is_back_not_after_its_backoff(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+LIBRARY_LOGGERS = ("aiormq", "aio_pika", "asyncio")
+
+
+async def test_a_broker_outage_logs_one_warning_per_interval_and_no_library_errors(
+    event_settings, subscriber, db, caplog, monkeypatch
+):
+    # A RabbitMQ kill once logged 30 ERROR lines from aiormq and aio-pika: "Connection refused"
+    # every second, "Task exception was never retrieved" for a failed batch's publishes, and an
+    # error in a channel's close callback.
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(amqp_logs.FILTER, "throttle", Throttle(2.5))  # a short interval
+    await db.execute(
+        """
+        INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload)
+        SELECT 'evt_' || lpad(n::text, 16, '0'), 'conversation.updated', 'a', 'c' || n, 1, '{}'
+        FROM generate_series(1, 5000) AS n
+        """
+    )
+    parts = urlsplit(amqp_url())
+    proxy = TcpProxy(parts.hostname, parts.port)
+    await proxy.start()
+    broker = Broker(via_port(amqp_url(), proxy.port), event_settings.events.exchange)
+    try:
+        async with running_relay(event_settings, broker) as (relay, _):
+            await wait_until(lambda: _true(relay.published > 0))
+            await proxy.cut()  # mid-drain: batches in flight fail
+            # Reconnects fail every second: their line comes again once the interval is over.
+            await wait_until(lambda: _true(len(_lines(caplog, "RabbitMQ unreachable")) >= 2))
+            await proxy.start()
+            await wait_until(lambda: pending_is(db, 0), timeout=60)
+    finally:
+        if proxy.running:
+            await proxy.cut()
+    gc.collect()  # a task whose exception nobody took logs it when it is collected
+    for record in caplog.records:
+        message = record.getMessage()
+        assert "never retrieved" not in message, message
+        if record.name.split(".")[0] in LIBRARY_LOGGERS:
+            assert record.levelno < logging.ERROR, (record.name, message)
+    first, second, *_ = _lines(caplog, "RabbitMQ unreachable")
+    assert (first.levelno, second.levelno) == (logging.WARNING, logging.WARNING)
+    assert "more like it since the last line" not in first.getMessage()
+    assert second.held_back >= 1, second.getMessage()  # the attempts in between, counted
+    assert f"(and {second.held_back} more like it" in second.getMessage()
+    assert len(_lines(caplog, "RabbitMQ connection lost")) == 1
+
+
+def _lines(caplog, start: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith(start)]
 
 
 # --- relays: crash between publish and mark, and only one active ------------------------------
