@@ -91,6 +91,10 @@ async def sessions(db, query: str, *args: object) -> int | None:
     return await db.fetchval(query, *args)
 
 
+async def gone(db, pid: int) -> bool:
+    return not await sessions(db, ALIVE, pid)
+
+
 LOCK_WAITER = (
     "SELECT pid FROM pg_stat_activity"
     " WHERE datname = current_database() AND wait_event_type = 'Lock'"
@@ -129,9 +133,7 @@ async def test_a_write_cut_off_by_the_database_going_away_is_503_and_never_commi
 
     # The abandoned session ends while it still waits; only then is the row let go, so a
     # session that lived on would commit the update now, after its caller was told 503.
-    async with asyncio.timeout(30):
-        while await sessions(db, ALIVE, pid):
-            await asyncio.sleep(0.05)
+    await wait_until(lambda: gone(db, pid), timeout=30)
     await lock.rollback()
     row = await db.fetchrow(
         "SELECT is_muted, version FROM conversations WHERE id = $1", created["id"]

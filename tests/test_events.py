@@ -40,6 +40,7 @@ from tests.events_support import (
     RecordingBroker,
     amqp_url,
     pending_is,
+    relay_last_ran,
     running_relay,
     wait_until,
 )
@@ -149,13 +150,13 @@ async def test_a_rejected_or_rolled_back_write_publishes_nothing(client, headers
 
 
 async def test_notify_wakes_the_relay_long_before_its_poll(
-    event_settings, aiohttp_client, headers, subscriber
+    event_settings, aiohttp_client, headers, subscriber, db
 ):
     slow_poll = dataclasses.replace(event_settings.events, relay_poll_interval_seconds=30)
     client = await aiohttp_client(create_app(dataclasses.replace(event_settings, events=slow_poll)))
     await create(client, headers, contact_id="warm-up")
-    await subscriber.receive(1)  # the relay is connected and waiting
-    await asyncio.sleep(0.2)
+    await subscriber.receive(1)
+    await wait_until(lambda: pending_is(db, 0))  # marked: the relay is done with it, and waits
     started = time.monotonic()
     await create(client, headers, contact_id="c1")
     await subscriber.receive(1, timeout=10)
@@ -190,14 +191,15 @@ async def get_one(queue_name: str, timeout: float) -> aio_pika.abc.AbstractIncom
 
 
 async def test_readyz_reports_broker_relay_and_backlog(client):
-    async with asyncio.timeout(20):
-        while True:
-            body = await (await client.get("/readyz")).json()
-            assert ReadinessSchema().validate(body) == {}
-            checks = body["checks"]
-            if checks["broker"] == "connected" and checks["relay"] == "active":
-                break
-            await asyncio.sleep(0.1)
+    checks: dict = {}
+
+    async def connected_and_active() -> bool:
+        body = await (await client.get("/readyz")).json()
+        assert ReadinessSchema().validate(body) == {}
+        checks.update(body["checks"])
+        return checks["broker"] == "connected" and checks["relay"] == "active"
+
+    await wait_until(connected_and_active)
     assert checks["outbox"]["pending"] == 0
 
 
@@ -490,9 +492,9 @@ async def test_commits_within_the_linger_after_a_notify_go_out_in_one_batch(
         event_settings.events, relay_linger_seconds=2.0, relay_poll_interval_seconds=30
     )
     settings = dataclasses.replace(event_settings, events=lingering)
-    async with running_relay(settings, broker) as (relay, _):
-        await wait_until(lambda: _true(relay.is_active))
-        await asyncio.sleep(0.3)  # its first drain found nothing: it waits for a NOTIFY
+    async with running_relay(settings, broker):
+        # Its first drain read nothing: from now on a NOTIFY starts its reads.
+        await wait_until(lambda: relay_last_ran(db, "%published_at IS NULL%"))
         await write_events(event_settings, aiohttp_client, headers, 3)  # well within 2 s
         received = await subscriber.receive(3)
     assert len({start for _, _, start, _, _ in log}) == 1  # one batch

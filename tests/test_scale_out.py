@@ -26,7 +26,6 @@ from service.events.partitions import (
 )
 from service.events.relay import (
     SESSION_SETTINGS,
-    STANDBY_RETRY_SECONDS,
     Relay,
     select_pending_of,
 )
@@ -36,6 +35,7 @@ from tests.events_support import (
     Subscriber,
     amqp_url,
     pending_is,
+    relay_last_ran,
     running_relay,
     wait_until,
 )
@@ -293,7 +293,8 @@ async def test_relays_wait_while_a_single_leader_relay_of_the_earlier_version_ru
     expected = set(await fill(db, conversations=10, events_each=2))
     exchange = event_settings.events.exchange
     async with running_relay(event_settings, Broker(amqp_url(), exchange)) as (relay, _):
-        await subscriber.nothing_more(STANDBY_RETRY_SECONDS + 1)  # it tried, and stood by
+        await wait_until(lambda: relay_last_ran(db, "%pg_try_advisory_lock_shared%"))  # it tried
+        assert subscriber.messages.empty()  # and stood by
         assert relay.partitions == ()
         await db.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK_KEY)  # the old one stopped
         messages = await receive_all(subscriber, expected)
