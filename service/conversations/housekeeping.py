@@ -3,11 +3,11 @@ outbox rows) removed periodically, in bounded batches, by one process of all rep
 
 Each cleanup is one statement that removes at most `$1` rows (further parameters follow) and
 returns how many it removed; it runs again until a batch comes back short (a windowed one:
-until a batch removes none). Every batch is its
-own short transaction that first takes a transaction-scoped advisory lock: while one process
-is deleting, the others skip their pass, no lock or snapshot is held for long, a process that
-dies leaves no lock behind and no session state on the pool's connections (PgBouncer in
-transaction mode stays safe), and an interrupted run loses nothing: the next one carries on.
+until a batch removes none). Every batch is its own short transaction that first takes a
+transaction-scoped advisory lock: while one process is deleting, the others skip their pass, no
+lock or snapshot is held for long, a process that dies leaves no lock behind and no session
+state on the pool's connections (PgBouncer in transaction mode stays safe), and an interrupted
+run loses nothing: the next one carries on.
 """
 
 import asyncio
