@@ -354,6 +354,26 @@ def _lines(caplog, start: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.getMessage().startswith(start)]
 
 
+def test_a_broker_that_closes_the_connection_is_a_warning_not_an_error():
+    # A RabbitMQ that shuts down cleanly closes its connections (320 CONNECTION_FORCED), which
+    # aiormq logs as an ERROR; it is the outage's first line, a WARNING, and the next ones
+    # within the interval are held back.
+    logs = amqp_logs.ConnectionLogs(interval=60)
+    reason = "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"
+
+    def closed() -> logging.LogRecord:
+        return logging.LogRecord(
+            "aiormq.connection", logging.ERROR, __file__, 1, amqp_logs.CLOSED_BY_BROKER[1],
+            ("<Connection>", 320, reason), None,
+        )  # fmt: skip
+
+    first = closed()
+    assert logs.filter(first)
+    assert (first.levelno, first.levelname) == (logging.WARNING, "WARNING")
+    assert first.getMessage() == f"RabbitMQ closed the connection (320 {reason})"
+    assert not logs.filter(closed())
+
+
 # --- relays: crash between publish and mark, and only one active ------------------------------
 
 

@@ -18,18 +18,18 @@ from service.logs import Throttle
 
 # aiormq logs every failed connect, and every caller is told of it too: aio-pika's reconnect
 # loop logs its own line, the broker's first connect retries and logs.
-_TRANSPORT_FAILED = ("aiormq.connection", "error when creating transport: %r")
-_RECONNECT_FAILED = (
+TRANSPORT_FAILED = ("aiormq.connection", "error when creating transport: %r")
+RECONNECT_FAILED = (
     "aio_pika.robust_connection",
     'Connection attempt to "%s" failed: %s. Reconnecting after %r seconds.',
 )
-_READER_FAILED = ("aiormq.connection", "Cancelling cause reader exited abnormally")
-_CLOSED_BY_BROKER = (
+READER_FAILED = ("aiormq.connection", "Cancelling cause reader exited abnormally")
+CLOSED_BY_BROKER = (
     "aiormq.connection",
     'Unexpected connection close from remote "%s", Connection.Close(reply_code=%r, reply_text=%r)',
 )
 # aio-pika's robust channel, closing with its connection, fails in its own close callback.
-_CALLBACK_FAILED = ("aio_pika.tools", "Callback %r error: %s: %s")
+CALLBACK_FAILED = ("aio_pika.tools", "Callback %r error: %s: %s")
 
 
 class ConnectionLogs(logging.Filter):
@@ -41,17 +41,17 @@ class ConnectionLogs(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, record.msg)
-        if key == _TRANSPORT_FAILED or (key == _CALLBACK_FAILED and _closing_channel(record)):
+        if key == TRANSPORT_FAILED or (key == CALLBACK_FAILED and _closing_channel(record)):
             return False
-        if key == _RECONNECT_FAILED:
+        if key == RECONNECT_FAILED:
             args = record.args if isinstance(record.args, tuple) else ()
             error = args[1] if len(args) > 1 else None
             reconnect = f"; reconnecting every {args[2]:g}s" if len(args) > 2 else ""
             return self._summary(record, "RabbitMQ unreachable", error, reconnect)
-        if key == _READER_FAILED:
+        if key == READER_FAILED:
             error = record.exc_info[1] if record.exc_info else None
             return self._summary(record, "RabbitMQ connection lost", error, "")
-        if key == _CLOSED_BY_BROKER:
+        if key == CLOSED_BY_BROKER:
             args = record.args if isinstance(record.args, tuple) else ()
             code = f" ({args[1]} {args[2]})" if len(args) > 2 else ""
             return self._summary(record, f"RabbitMQ closed the connection{code}", None, "")
