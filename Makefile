@@ -1,5 +1,5 @@
 # Developer entry points for DigiVault Conversations (GNU make). The local
-# PostgreSQL, RabbitMQ and Redis come from deploy/dev/services.sh. `make help` lists
+# PostgreSQL, RabbitMQ and Redis come from deploy/dev/services.py. `make help` lists
 # the targets.
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -12,7 +12,8 @@ BENCH_PROFILE ?=
 BENCH_ONLY ?=
 
 VENV := .venv
-SERVICES := deploy/dev/services.sh
+SERVICES := deploy/dev/services.py
+INSTALL_PACKAGES := deploy/dev/install_packages.py
 JWT_SECRET := .dev/jwt-secret
 ASYNCAPI_TOOLS := tools/asyncapi
 BENCH_INSTALLED := $(VENV)/.bench-installed
@@ -27,13 +28,13 @@ WITH_ENV = eval "$$($(SERVICES) env)"; \
 
 help:
 	@echo 'make venv           .venv with the package (editable) and its dev extras'
-	@echo 'make services-up    start the local PostgreSQL, RabbitMQ and Redis (deploy/dev/services.sh)'
+	@echo 'make services-up    start the local PostgreSQL, RabbitMQ and Redis (deploy/dev/services.py)'
 	@echo 'make services-down  stop them (the data stays in .dev/)'
 	@echo 'make env            print export lines: DATABASE_URL, AMQP_URL, RATE_LIMIT_REDIS_URL, JWT_HS256_SECRETS'
 	@echo 'make migrate        apply the database migrations'
 	@echo 'make run            migrate, print a dev token and curl examples, serve on 127.0.0.1:$$PORT (8080)'
 	@echo 'make test           run pytest against the local services (PYTEST_ARGS="-k foo"); installs the AsyncAPI validator (Node)'
-	@echo 'make lint           ruff check and ruff format --check'
+	@echo 'make lint           ruff check, ruff format --check, shellcheck of the shell scripts'
 	@echo 'make bench          benchmarks against peers in the same run, into docs/benchmarks.md (BENCH_QUICK=1: short run)'
 	@echo 'make clean          stop the services, then delete .dev/ and .venv/'
 
@@ -46,7 +47,7 @@ $(VENV)/bin/pip:
 	@if ! out=$$(python3 -m venv $(VENV) 2>&1); then \
 		rm -rf $(VENV); \
 		if [[ $$out != *ensurepip* ]]; then echo "$$out" >&2; exit 1; fi; \
-		deploy/dev/install-packages.sh python3-venv; \
+		$(INSTALL_PACKAGES) python3-venv; \
 		python3 -m venv $(VENV); \
 	fi
 
@@ -62,7 +63,7 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/pip
 # dependency needs an install script; the one there (scarf) only reports usage.
 $(ASYNCAPI_TOOLS)/node_modules/.installed: $(ASYNCAPI_TOOLS)/package-lock.json
 	@if ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
-		deploy/dev/install-packages.sh nodejs npm; \
+		$(INSTALL_PACKAGES) nodejs npm; \
 	fi
 	npm ci --prefix $(ASYNCAPI_TOOLS) --no-audit --no-fund --ignore-scripts
 	@touch $@
@@ -108,20 +109,23 @@ run: venv services-up migrate
 test: venv services-up $(JWT_SECRET) $(ASYNCAPI_TOOLS)/node_modules/.installed
 	@$(WITH_ENV) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# shellcheck is Debian's, installed when missing; .ci/run is the one shell script left.
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	@command -v shellcheck >/dev/null || $(INSTALL_PACKAGES) shellcheck
+	shellcheck .ci/run
 
 # Seeds its own database, starts the service and its peers on free loopback ports, drives them
 # with wrk and pgbench (tests/bench/run.py). wrk is Debian's; pgbench comes with PostgreSQL.
 bench: venv services-up $(JWT_SECRET) $(BENCH_INSTALLED)
-	@command -v wrk >/dev/null || deploy/dev/install-packages.sh wrk
+	@command -v wrk >/dev/null || $(INSTALL_PACKAGES) wrk
 	@$(WITH_ENV) $(VENV)/bin/python -m tests.bench.run \
 		$(if $(filter 1,$(BENCH_QUICK)),--quick) $(if $(filter 1,$(BENCH_PROFILE)),--profile) \
 		$(foreach scenario,$(BENCH_ONLY),--only $(scenario))
 
 # Services first: a stop that fails ends make here, before anything is deleted
 # under a running server. When PostgreSQL's files live in /var/tmp (see
-# services.sh), .dev/pg links there: that directory goes too.
+# services.py), .dev/pg links there: that directory goes too.
 clean:
 	@$(SERVICES) down
 	@if [[ -L .dev/pg ]]; then rm -rf -- "$$(readlink .dev/pg)"; fi

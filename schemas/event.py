@@ -64,6 +64,8 @@ class EventHeadersSchema(Schema):
     traceparent = fields.String(
         validate=FullMatch(TRACEPARENT_PATTERN),
         metadata={
-            "description": "The W3C traceparent of the request that made the change, if it sent one."
+            "description": "The W3C trace context of the request that made the change: its "
+            "own span's when the service traces (always present then), else the caller's "
+            "traceparent if it sent one. A consumer span continues the request's trace from it."
         },
     )

@@ -1,7 +1,26 @@
-"""Exponential backoff with full jitter, for reconnecting to what is down."""
+"""Trying again: at once after a lost race, or with exponential backoff and full jitter when
+reconnecting to what is down."""
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def until_settled(attempts: int, attempt: Callable[[int], Awaitable[T | None]]) -> T:
+    """`attempt(number)`, numbered from 0, run again at once while it returns None (it lost a
+    race: what it read changed before it wrote), at most `attempts` times.
+
+    RuntimeError after that: each caller allows enough attempts (or makes its last one unable
+    to lose, by locking) that running out means something is wrong.
+    """
+    for number in range(attempts):
+        result = await attempt(number)
+        if result is not None:
+            return result
+    raise RuntimeError(f"still losing its race after {attempts} attempts")
 
 
 class Backoff:

@@ -53,6 +53,10 @@ DATABASE_UNAVAILABLE = (
     asyncpg.InterfaceError,
     *DATABASE_CONNECTION_FAILURES,
 )
+# Everything a database session can fail with in such code, the server's refusals included
+# (a migration not applied yet, a lock timeout): what a probe reports as "not ready" and what
+# makes the relay start again on a new session.
+DATABASE_SESSION_FAILURES = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
 
 
 def database_unavailable(error: BaseException) -> bool:

@@ -6,11 +6,12 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import orjson
 from aiohttp import web
+from opentelemetry import trace
 
 # The request being served and the task serving it, set by the request-id middleware: every log
 # line of a request carries its id without threading it through every call. Tasks started while
@@ -44,13 +45,14 @@ class Throttle:
     An outage fails every request the same way: one line with a count says as much as thousands.
     """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
+        self._clock = clock
         self._windows: dict[Hashable, tuple[float, int]] = {}  # kind -> (window start, held back)
 
     def admit(self, kind: Hashable) -> int | None:
         """None if this line is held back; otherwise how many were since the last one."""
-        now = time.monotonic()
+        now = self._clock()
         start, held = self._windows.get(kind, (-math.inf, 0))
         if now - start >= self.interval:
             self._windows[kind] = (now, 0)
@@ -58,14 +60,22 @@ class Throttle:
         self._windows[kind] = (start, held + 1)
         return None
 
+    def restart(self, kind: Hashable) -> int:
+        """How many lines of `kind` were held back, for a line logged now outside `admit` (an
+        outage's first or last); the next one is admitted `interval` seconds from now."""
+        _, held = self._windows.get(kind, (-math.inf, 0))
+        self._windows[kind] = (self._clock(), 0)
+        return held
+
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
 class JsonFormatter(logging.Formatter):
-    """`{"timestamp", "level", "logger", "message", ...extra}` on one line; of an exception, only
-    its type and where it was raised (`error`), never a traceback."""
+    """`{"timestamp", "level", "logger", "message", ...extra}` on one line, with `trace_id` and
+    `span_id` when written inside a span; of an exception, only its type and where it was raised
+    (`error`), never a traceback."""
 
     _second = -1
     _second_text = ""
@@ -86,6 +96,10 @@ class JsonFormatter(logging.Formatter):
         request_id = current_request_id()
         if request_id is not None:
             entry["request_id"] = request_id
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:  # written inside a span (tracing on): the line joins its trace
+            entry["trace_id"] = f"{span.trace_id:032x}"
+            entry["span_id"] = f"{span.span_id:016x}"
         if record.exc_info and record.exc_info[1] is not None:
             entry["error"] = describe_exception(record.exc_info[1])
         attributes = record.__dict__
@@ -140,6 +154,9 @@ def route_template(request: web.Request) -> str | None:
 # The route template, or "unmatched", set by the metrics middleware for the access log: a request
 # that aiohttp's parser refused never reached the router and has no route at all.
 ROUTE = web.RequestKey("route", str)
+# The request's SERVER span, set by the tracing middleware for the access log, which is written
+# after the span has ended (and is no longer current).
+SPAN_CONTEXT = web.RequestKey("span_context", trace.SpanContext)
 
 
 def describe_exception(error: BaseException | None) -> str:
@@ -162,6 +179,7 @@ class AccessLogger(web.AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         route = request.get(ROUTE, "unmatched")
+        span = request.get(SPAN_CONTEXT)
         self.logger.info(
             "%s %s %s %.1fms",
             request.method,
@@ -174,5 +192,7 @@ class AccessLogger(web.AbstractAccessLogger):
                 "route": route,
                 "status": response.status,
                 "duration": round(time, 6),
+                "trace_id": f"{span.trace_id:032x}" if span else None,
+                "span_id": f"{span.span_id:016x}" if span else None,
             },
         )

@@ -92,6 +92,19 @@ class Metrics:
             registry=r,
         )
 
+        self.jwks_fetches = Counter(
+            "conversations_jwks_fetches",
+            "Fetches of the JWKS signing keys, by outcome: ok, unreachable (network, timeout or "
+            "HTTP status) or invalid (a document refused).",
+            ["outcome"],
+            registry=r,
+        )
+        self.jwks_keys = Gauge(
+            "conversations_jwks_keys",
+            "Signing keys cached from the JWKS sources (the last good document of each).",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The text exposition format."""
         return prometheus_client.generate_latest(self.registry)

@@ -548,21 +548,48 @@ async def test_no_token_appears_in_bodies_headers_or_logs(client, make_token, ac
 # --- the verified-token cache -------------------------------------------------------------------
 
 
+class Clock:
+    """Unix time that moves only when the test says so."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_a_verified_token_is_not_verified_again_until_it_expires(auth_settings, monkeypatch):
-    verifier = TokenVerifier(auth_settings)  # leeway 0 in the test settings
-    expires = int(time.time()) + 2
+    clock = Clock(1_700_000_000.0)
+    verifier = TokenVerifier(auth_settings, clock=clock)  # leeway 0 in the test settings
+    expires = 1_700_000_002
     claims = {"sub": "acct_c", "scope": READ_SCOPE, "exp": expires}
     token = jwt.encode(claims, TEST_SECRET, algorithm="HS256")
     calls = []
     real_decode = jwt.decode
     monkeypatch.setattr(jwt, "decode", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
     assert verifier.verify(token) == verifier.verify(token)
+    clock.now = expires - 0.001
+    assert verifier.verify(token).account_id == "acct_c"
     assert len(calls) == 1
-    # Past its exp the cached entry is dropped and the token is checked (and refused) again.
-    time.sleep(expires - time.time() + 0.05)
+    # At its exp the cached entry is gone and the token is checked (and refused) again.
+    clock.now = expires
     with pytest.raises(InvalidToken, match="expired"):
         verifier.verify(token)
     assert len(calls) == 2
+    assert token not in verifier._cache
+
+
+def test_the_verifier_checks_times_against_its_clock(auth_settings):
+    """exp, nbf and iat are compared with the injected clock, not the system's."""
+    y2k = 946_684_800
+    token = hs256({"sub": "acct_t", "iat": y2k, "nbf": y2k, "exp": y2k + 60})
+    assert TokenVerifier(auth_settings, clock=Clock(y2k + 59)).verify(token).account_id == "acct_t"
+    for now, why in ((y2k - 1, "not valid yet"), (y2k + 60, "expired")):
+        with pytest.raises(InvalidToken, match=why):
+            TokenVerifier(auth_settings, clock=Clock(now)).verify(token)
+    leeway = dataclasses.replace(auth_settings, leeway_seconds=5)
+    assert TokenVerifier(leeway, clock=Clock(y2k + 64)).verify(token).account_id == "acct_t"
+    assert TokenVerifier(leeway, clock=Clock(y2k - 5)).verify(token).account_id == "acct_t"
 
 
 def test_a_tampered_token_is_never_served_from_the_cache(auth_settings):
@@ -585,3 +612,14 @@ def test_the_cache_is_bounded(auth_settings, monkeypatch):
         verifier.verify(token)
     assert len(verifier._cache) == 5
     assert set(verifier._cache) == set(tokens[-5:])
+
+
+def test_the_cache_keeps_the_recently_used_tokens(auth_settings, monkeypatch):
+    monkeypatch.setattr("service.api.auth.TOKEN_CACHE_SIZE", 3)
+    verifier = TokenVerifier(auth_settings)
+    tokens = [mint_token(auth_settings, f"acct_{n}", [READ_SCOPE], 60) for n in range(4)]
+    for token in tokens[:3]:
+        verifier.verify(token)
+    verifier.verify(tokens[0])  # used again: the least recently used is now tokens[1]
+    verifier.verify(tokens[3])
+    assert set(verifier._cache) == {tokens[0], tokens[2], tokens[3]}

@@ -19,7 +19,7 @@ from service.api.auth import mint_token
 from service.api.keys import DB_POOL
 from service.conversations import housekeeping, idempotency
 from tests.error_bodies import error_body
-from tests.events_support import amqp_url
+from tests.events_support import amqp_url, wait_until
 from tests.proxy import free_port
 from tests.races import lose_races_until_locked
 
@@ -472,9 +472,7 @@ async def test_housekeeping_runs_periodically_past_a_failing_job(client, headers
         )
     )
     try:
-        async with asyncio.timeout(20):
-            while await db.fetchval("SELECT count(*) FROM idempotency_keys"):
-                await asyncio.sleep(0.05)
+        await wait_until(lambda: keys_are(db, 0))
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -550,10 +548,15 @@ async def post_with_key(port: int, token: str, key: str, body: dict) -> aiohttp.
         return resp
 
 
+async def keys_are(db: asyncpg.Connection, count: int) -> bool:
+    return await db.fetchval("SELECT count(*) FROM idempotency_keys") == count
+
+
 async def wait_until_gone(db: asyncpg.Connection, pid: int) -> None:
-    async with asyncio.timeout(20):
-        while await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
-            await asyncio.sleep(0.05)
+    async def gone() -> bool:
+        return not await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+
+    await wait_until(gone)
 
 
 @pytest.fixture
@@ -582,9 +585,7 @@ async def test_killed_after_the_commit_the_retry_is_the_replay_not_a_second_writ
     _, writer = await asyncio.open_connection("127.0.0.1", first.port)
     writer.write(raw_post(token, key, b'{"contact_id": "c1"}'))
     await writer.drain()
-    async with asyncio.timeout(20):
-        while not await db.fetchval("SELECT count(*) FROM idempotency_keys"):
-            await asyncio.sleep(0.01)
+    await wait_until(lambda: keys_are(db, 1))  # committed
     await first.kill()
     writer.close()
     written = await db.fetchrow("SELECT id, version FROM conversations")

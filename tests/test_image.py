@@ -3,8 +3,8 @@
 The build context is what `.dockerignore` lets through of what the Dockerfile's build stage
 copies. From it the wheels are built as in the build stage, then installed offline into a
 clean venv as in the final stage, and the installed `conversations` runs outside the repository.
-The `slow` tests share that one venv (about half a minute to build); the others only read the
-Dockerfile and `.dockerignore`.
+The tests marked `slow` share that one venv (about half a minute to build); the others only read
+the Dockerfile and `.dockerignore`.
 """
 
 import asyncio
@@ -185,7 +185,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
     return Image(wheel, venv, workdir)
 
 
-def test_slow_wheel_carries_the_packages_and_migrations_only(image: Image) -> None:
+@pytest.mark.slow
+def test_wheel_carries_the_packages_and_migrations_only(image: Image) -> None:
     names = set(zipfile.ZipFile(image.wheel).namelist())
     assert {f"sql/migrations/{name}" for name in MIGRATIONS} <= names
     assert repo_package_files() <= names, "the image would lack some of the service's files"
@@ -194,13 +195,15 @@ def test_slow_wheel_carries_the_packages_and_migrations_only(image: Image) -> No
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
 
 
-def test_slow_installed_command_lists_its_subcommands(image: Image) -> None:
+@pytest.mark.slow
+def test_installed_command_lists_its_subcommands(image: Image) -> None:
     result = succeeded(image.run("conversations", "--help"))
     for command in ("serve", "migrate", "relay", "openapi"):
         assert command in result.stdout
 
 
-def test_slow_installed_code_is_the_venvs_not_the_checkouts(image: Image) -> None:
+@pytest.mark.slow
+def test_installed_code_is_the_venvs_not_the_checkouts(image: Image) -> None:
     modules = "schemas, service, sql"
     code = f"import json, {modules}; print(json.dumps([m.__file__ for m in ({modules})]))"
     result = succeeded(image.run("python", "-c", code))
@@ -208,13 +211,15 @@ def test_slow_installed_code_is_the_venvs_not_the_checkouts(image: Image) -> Non
         assert Path(module_file).is_relative_to(image.venv), module_file
 
 
-def test_slow_installed_openapi_prints_the_document(image: Image) -> None:
+@pytest.mark.slow
+def test_installed_openapi_prints_the_document(image: Image) -> None:
     document = json.loads(succeeded(image.run("conversations", "openapi")).stdout)
     assert document["openapi"].startswith("3.")
     assert "/v1/conversations" in document["paths"]
 
 
-async def test_slow_installed_migrate_applies_every_shipped_migration(
+@pytest.mark.slow
+async def test_installed_migrate_applies_every_shipped_migration(
     image: Image, empty_database: str
 ) -> None:
     result = await asyncio.to_thread(

@@ -216,6 +216,7 @@ async def test_a_walk_returns_each_conversation_that_kept_its_place_exactly_once
     stayers = [c for c in made if c["id"] not in movers]
     clock = itertools.count(1_900_000_000)
     stop = asyncio.Event()
+    moved = asyncio.Event()
 
     async def keep_moving() -> None:
         rng = random.Random(3)
@@ -227,15 +228,18 @@ async def test_a_walk_returns_each_conversation_that_kept_its_place_exactly_once
                 f"{URL}/{mover}", json={"last_active_at": value}, headers=headers
             )
             assert resp.status == 200
-            await asyncio.sleep(0)
+            moved.set()
+            await asyncio.sleep(0)  # a turn for the walk
 
     for backwards, limit in [(False, 3), (True, 4), (False, 1), (True, 2)]:
         for query in ({"sort": ACTIVITY}, {"sort": ACTIVITY, "unread": "false"}):
             stop.clear()
             mover_task = asyncio.create_task(keep_moving())
 
-            async def let_them_move() -> None:
-                await asyncio.sleep(0.001)
+            async def let_them_move() -> None:  # between two pages, at least one move
+                moved.clear()
+                async with asyncio.timeout(20):
+                    await moved.wait()
 
             try:
                 seen = await walk(

@@ -5,7 +5,10 @@ context, resources, references that resolve, and no secret in the repository."""
 
 import functools
 import importlib
+import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import pytest
 
 from service.events.runtime import RELAY_STOP_TIMEOUT_SECONDS
+from service.settings import load_settings
 
 K8S = Path(__file__).parent.parent / "deploy" / "k8s"
 SECRET_TEMPLATE = K8S / "secret.template.yaml"
@@ -339,6 +343,7 @@ def test_network_policies_deny_by_default_and_allow_what_each_process_needs(obje
         }
         assert {("UDP", 53), ("TCP", 53), ("TCP", 5432)} <= egress, component
         assert (("TCP", 5672) in egress) == (component in {"api", "relay"}), component
+        assert (("TCP", 4318) in egress) == (component in {"api", "relay"}), component  # OTLP
         assert (("TCP", 6379) in egress) == (component == "api"), component  # rate limits
         ingress = _policy_rules(objects, workload, "ingress")
         if component == "migrate":
@@ -441,3 +446,89 @@ def test_prod_spreads_the_api_over_nodes():
         and _selects(spread["labelSelector"], labels)
     ]
     assert spreads, "two API pods must not share a node in prod"
+
+
+# What the real Secret holds, in values the settings accept (the template's placeholders would
+# be refused): dev verifies HS256 tokens with it, prod blanks that key.
+SECRET_VALUES = {
+    "DATABASE_URL": "postgresql://conversations:pw@db.example.test:5432/conversations",
+    "AMQP_URL": "amqps://conversations:pw@mq.example.test:5671/",
+    "JWT_HS256_SECRETS": "a-secret-of-at-least-thirty-two-characters",
+}
+
+
+def _process_environment(objects: tuple[Object, ...], container: Object) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: envFrom in order, then env."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(_named(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+        if "secretRef" in source:
+            env.update(SECRET_VALUES)
+    env.update({var["name"]: var["value"] for var in container.get("env", []) if "value" in var})
+    return env
+
+
+_SHOW_AUTH = """
+import json
+from service.settings import load_settings
+auth = load_settings().auth
+print(json.dumps({"hs256": len(auth.hs256_secrets), "audience": auth.audience,
+                  "jwks": list(auth.jwks_urls), "discovery": auth.oidc_discovery}))
+"""
+
+
+@pytest.mark.parametrize("component", ["api", "relay"])
+def test_each_overlay_configures_a_service_that_starts(overlay, objects, component):
+    """The rendered environment passes the service's own validation; prod verifies tokens with
+    the identity provider's keys only, for its own audience; dev keeps the HS256 dev secret."""
+    container = _container(_component(objects, "Deployment", component))
+    env = _process_environment(objects, container)
+    result = subprocess.run(
+        [sys.executable, "-c", _SHOW_AUTH],
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    auth = json.loads(result.stdout)
+    if overlay == "prod":
+        assert auth["hs256"] == 0
+        assert auth["audience"]
+        assert auth["jwks"] or auth["discovery"]
+        assert all(url.startswith("https://") for url in auth["jwks"])
+    else:
+        assert auth["hs256"] == 1
+        assert not auth["jwks"]
+        assert not auth["discovery"]
+
+
+def test_only_the_api_reaches_the_identity_provider(objects):
+    for workload in _workloads(objects):
+        component = _pod(workload)[0]["app.kubernetes.io/component"]
+        egress = {
+            (port["protocol"], port["port"])
+            for rule in _policy_rules(objects, workload, "egress")
+            for port in rule["ports"]
+        }
+        assert (("TCP", 443) in egress) == (component == "api"), component
+
+
+def test_tracing_is_configured_but_off_until_an_overlay_sets_the_endpoint(objects, monkeypatch):
+    """The base ConfigMap's OTEL_* values are valid, and without an endpoint tracing is off."""
+    for workload in _workloads(objects):
+        if _pod(workload)[0]["app.kubernetes.io/component"] == "migrate":
+            continue
+        env = _env(objects, _container(workload))
+        assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("DATABASE_URL", "postgresql://app@db/conversations")
+        monkeypatch.setenv("AMQP_URL", "amqp://app@mq/")
+        monkeypatch.setenv("JWT_HS256_SECRETS", "s" * 40)
+        assert not load_settings().tracing.enabled

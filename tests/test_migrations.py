@@ -15,7 +15,8 @@ from schemas import HealthSchema, ReadinessSchema
 from service.api.app import create_app
 from service.api.auth import READ_SCOPE, WRITE_SCOPE, Principal, TokenVerifier
 from service.cli import main
-from service.conversations.repository import RESOURCE_FIELDS
+from service.conversations.outbox import OutboxRow
+from service.conversations.repository import COLUMNS, RESOURCE_FIELDS
 from service.migrations import (
     MIGRATION_LOCK_KEY,
     Migration,
@@ -175,7 +176,14 @@ async def test_the_schema_is_what_the_service_expects(conn):
         "position": ("xid8", "NO"),
         "deleted_at": ("timestamp with time zone", "NO"),
     }
-    assert set(RESOURCE_FIELDS) <= set(shape("conversations"))
+    # The repository's declared columns are the table's, with the table's types (its statements
+    # cast parameters to them).
+    table = shape("conversations")
+    assert {column.name: column.type for column in COLUMNS} == {
+        name: table[name][0] for name in RESOURCE_FIELDS
+    }
+    # Every column the outbox row names is the table's.
+    assert set(OutboxRow._fields) <= set(shape("outbox"))
     assert shape("outbox") == {
         "id": ("bigint", "NO"),
         "event_id": ("text", "NO"),

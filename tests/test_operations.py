@@ -18,8 +18,8 @@ from service.api.auth import mint_token
 from service.api.keys import DEPENDENCY_LOG
 from service.events.broker import Broker
 from service.events.partitions import (
+    JOIN,
     PARTITION_LOCK_CLASS,
-    REBALANCE_INTERVAL_SECONDS,
     RELAY_LOCK_KEY,
 )
 from service.events.relay import Relay
@@ -28,9 +28,10 @@ from service.logs import (
     AccessLogger,
     ConsoleFormatter,
     JsonFormatter,
+    Throttle,
     set_request_id,
 )
-from tests.events_support import amqp_url
+from tests.events_support import amqp_url, wait_until
 from tests.log_capture import captured_logs
 from tests.proxy import free_port, via_port
 
@@ -126,10 +127,24 @@ async def test_readyz_and_metrics_say_which_partitions_wait_and_which_the_relay_
     )
     waiting = dict(await db.fetch("SELECT partition, count(*) FROM outbox GROUP BY partition"))
     client = await aiohttp_client(create_app(event_settings, role="relay"))
-    async with asyncio.timeout(20):
-        while (await (await client.get("/readyz")).json())["checks"]["broker"] != "connected":
-            await asyncio.sleep(0.05)
-    await asyncio.sleep(REBALANCE_INTERVAL_SECONDS * 2)  # it has looked for partitions, found none
+
+    async def check(name: str, value: object) -> bool:
+        return (await (await client.get("/readyz")).json())["checks"][name] == value
+
+    await wait_until(lambda: check("broker", "connected"))
+
+    async def relay_has_looked_for_partitions() -> bool:
+        # Its session holds the relays' member lock (JOIN) and has run a statement since (the
+        # shares it then reads and acts on, in the same turn).
+        return await db.fetchval(
+            """SELECT count(*) FROM pg_stat_activity AS a JOIN pg_locks AS l ON l.pid = a.pid
+               WHERE a.datname = current_database() AND a.application_name = 'conversations-relay'
+                 AND l.locktype = 'advisory' AND l.mode = 'ShareLock'
+                 AND a.state = 'idle' AND a.query <> $1""",
+            JOIN,
+        )
+
+    await wait_until(relay_has_looked_for_partitions)
     checks = (await (await client.get("/readyz")).json())["checks"]
     assert (checks["relay"], checks["relay_partitions"]) == ("standby", [])
     text = await (await client.get("/metrics")).text()
@@ -141,11 +156,8 @@ async def test_readyz_and_metrics_say_which_partitions_wait_and_which_the_relay_
     assert samples(text, "conversations_outbox_pending_events")[0].value == 20
 
     await db.execute("SELECT pg_advisory_unlock_all()")  # the other relay is gone
-    async with asyncio.timeout(20):
-        while (checks := (await (await client.get("/readyz")).json())["checks"])["outbox"][
-            "pending"
-        ]:
-            await asyncio.sleep(0.05)
+    await wait_until(lambda: check("outbox", {"pending": 0, "oldest_pending_age_seconds": 0}))
+    checks = (await (await client.get("/readyz")).json())["checks"]
     assert (checks["relay"], checks["relay_partitions"]) == ("active", list(range(16)))
 
 
@@ -156,9 +168,11 @@ async def test_the_relay_role_serves_only_probes_and_metrics(
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/metrics")).status == 200
     assert (await client.get("/v1/conversations", headers=headers)).status == 404
-    async with asyncio.timeout(20):
-        while (await (await client.get("/readyz")).json())["checks"]["relay"] != "active":
-            await asyncio.sleep(0.05)
+
+    async def relay_active() -> bool:
+        return (await (await client.get("/readyz")).json())["checks"]["relay"] == "active"
+
+    await wait_until(relay_active)
 
 
 # --- logs ---------------------------------------------------------------------------------------
@@ -234,6 +248,24 @@ async def test_an_outage_logs_one_line_per_interval_with_a_count(
     _, second = outage_lines()
     assert second["held_back"] == 19
     assert "and 19 more like it since the last line" in second["message"]
+
+
+def test_the_throttle_admits_a_line_per_interval_and_counts_the_ones_held_back():
+    now = [100.0]
+    throttle = Throttle(10, clock=lambda: now[0])
+    assert throttle.admit("a") == 0  # the first line of a kind goes out
+    assert [throttle.admit("a") for _ in range(3)] == [None] * 3
+    assert throttle.admit("b") == 0  # kinds are apart
+    now[0] += 10
+    assert throttle.admit("a") == 3
+    # A line logged outside it (an outage's end) takes the count and starts a new interval.
+    throttle.admit("a")
+    assert throttle.restart("a") == 1
+    now[0] += 9.9
+    assert throttle.admit("a") is None
+    now[0] += 0.1
+    assert throttle.admit("a") == 1
+    assert throttle.restart("never seen") == 0
 
 
 async def test_work_started_by_a_request_logs_without_the_request_id(json_logs):
@@ -346,7 +378,12 @@ async def test_sigterm_under_load_fails_no_accepted_request_and_loses_no_event(
                         return
 
             workers = [asyncio.create_task(worker(n)) for n in range(8)]
-            await asyncio.sleep(1.5)
+
+            async def under_load() -> bool:
+                assert not failures, failures[:5]
+                return len(ok) > 20
+
+            await wait_until(under_load)
             server.send_signal(signal.SIGTERM)
             await asyncio.wait_for(asyncio.gather(*workers), 30)
         await asyncio.wait_for(server.wait(), 30)

@@ -187,6 +187,7 @@ async def test_a_retry_after_retry_after_seconds_succeeds(settings, aiohttp_clie
             break
     retry_after = await rate_limited(resp)
     assert retry_after <= 2 * 2 + 1
+    # The thing under test: Retry-After is right against the wall clock the client has.
     await asyncio.sleep(retry_after)
     resp = await client.get("/v1/conversations", headers=headers)
     assert resp.status == 200
@@ -300,7 +301,8 @@ async def test_two_processes_share_one_budget_through_redis(settings, tmp_path):
             f"{one}/v1/conversations", json={"contact_id": "c1"}, headers=auth[first_account]
         )
         assert (resp.status, quota(resp)[:2]) == (201, (2, 1))
-        # Obeying Retry-After, to the second, is enough.
+        # Obeying Retry-After, to the second, is enough. (Real time: the windows are on the
+        # clocks of two processes and Redis, which no test can move.)
         resp = await http.get(f"{two}/v1/conversations", headers=auth[first_account])
         await asyncio.sleep(await rate_limited(resp))
         resp = await http.get(f"{one}/v1/conversations", headers=auth[first_account])

@@ -6,6 +6,7 @@ from urllib.parse import quote
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from cachetools import LRUCache
 from marshmallow import ValidationError
 
 from schemas import cursor
@@ -654,8 +655,10 @@ async def test_refused_writes_change_nothing(client, headers, db):
 
 
 def test_a_query_string_is_loaded_once_and_each_caller_gets_its_own_dict(monkeypatch):
-    monkeypatch.setattr(bodies, "_loaded_queries", {})
-    monkeypatch.setattr(bodies, "QUERY_CACHE_SIZE", 2)
+    kept = bodies._loaded_queries
+    assert isinstance(kept, LRUCache)
+    assert kept.maxsize == bodies.QUERY_CACHE_SIZE
+    monkeypatch.setattr(bodies, "_loaded_queries", LRUCache(maxsize=2))  # the same, smaller
     loads = []
     schema = handlers._list_query_schema
     monkeypatch.setattr(
@@ -683,11 +686,14 @@ def test_a_query_string_is_loaded_once_and_each_caller_gets_its_own_dict(monkeyp
         assert load(f"limit=5&starting_after={place}")["starting_after"].id == place
     assert len(loads) == 6
     assert len(bodies._loaded_queries) == 2
-    # Bounded: full, it starts over.
+    # Bounded: full, it forgets the least recently used (here the first query string).
     load("limit=7")
-    assert len(bodies._loaded_queries) == 1
+    assert len(bodies._loaded_queries) == 2
     assert load("limit=7")["limit"] == 7
+    assert load("limit=5&starting_after=0000000000000003")["limit"] == 5
     assert len(loads) == 7
+    load("limit=5&metadata%5Bteam%5D=sales")
+    assert len(loads) == 8
 
 
 LIST_QUERIES = [
@@ -723,7 +729,7 @@ LIST_QUERIES = [
 def test_a_kept_query_string_loads_as_the_schema_loads_it_whole(monkeypatch, schema, query):
     """Twice each (the second from what was kept): the same result, or the same error, as the
     schema loading the whole query string."""
-    monkeypatch.setattr(bodies, "_loaded_queries", {})
+    monkeypatch.setattr(bodies, "_loaded_queries", LRUCache(maxsize=bodies.QUERY_CACHE_SIZE))
     request = make_mocked_request("GET", f"/v1/conversations?{query}")
 
     def outcome(load: Callable[[], dict]) -> object:

@@ -24,6 +24,7 @@ from service.conversations import housekeeping, outbox, repository, sync
 from service.conversations.ids import new_id
 from service.conversations.repository import RESOURCE_FIELDS, StoredConversation
 from tests.error_bodies import error_body
+from tests.events_support import wait_until
 
 CHANGES = "/v1/conversations/changes"
 DAY = 86_400
@@ -152,7 +153,8 @@ async def test_a_walk_from_nothing_skips_earlier_deletions_and_other_accounts(
 
 
 def _event(kind: str, account: str, conversation: StoredConversation, sequence: int) -> tuple:
-    return outbox.event_row(outbox.build_event(kind, account, conversation, sequence), None)
+    event = outbox.build_event(kind, account, conversation.resource, sequence)
+    return outbox.event_row(event, None)
 
 
 def _new_resource(contact: str) -> dict[str, Any]:
@@ -698,11 +700,11 @@ async def test_the_periodic_job_removes_expired_tombstones(db, db_url):
             housekeeping.run_periodically(pool, [sync.expired_tombstones(RETENTION)], interval=0.05)
         )
         try:
-            for _ in range(200):
-                if not await db.fetchval("SELECT count(*) FROM conversation_tombstones"):
-                    break
-                await asyncio.sleep(0.05)
-            assert await db.fetchval("SELECT count(*) FROM conversation_tombstones") == 0
+
+            async def removed() -> bool:
+                return not await db.fetchval("SELECT count(*) FROM conversation_tombstones")
+
+            await wait_until(removed)
         finally:
             job.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -719,12 +721,11 @@ async def test_the_periodic_job_outlives_a_failing_round(db_url, caplog):
     async with create_pool(db_url, min_size=1, max_size=1) as pool:
         job = asyncio.create_task(housekeeping.run_periodically(pool, [failing], interval=0.02))
         try:
-            for _ in range(200):
-                if sum("DivisionByZeroError" in r.getMessage() for r in caplog.records) >= 2:
-                    break
-                await asyncio.sleep(0.02)
-            failures = [r for r in caplog.records if "DivisionByZeroError" in r.getMessage()]
-            assert len(failures) >= 2  # it failed, and ran again
+
+            async def failed_twice() -> bool:  # it failed, and ran again
+                return sum("DivisionByZeroError" in r.getMessage() for r in caplog.records) >= 2
+
+            await wait_until(failed_twice)
             assert not job.done()
         finally:
             job.cancel()

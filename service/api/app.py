@@ -9,6 +9,7 @@ from typing import Any, Literal
 import asyncpg
 from aiohttp import web
 
+from service import tracing
 from service.api import handlers, probes
 from service.api.auth import TokenVerifier
 from service.api.bodies import MAX_BODY_BYTES
@@ -36,6 +37,7 @@ from service.api.middleware import (
 )
 from service.api.openapi import render_openapi
 from service.api.ratelimit import RateLimiter
+from service.api.tracing import server_span_middleware
 from service.conversations import housekeeping, idempotency, repository, sync
 from service.errors import DATABASE_UNAVAILABLE, DatabaseUnreachable
 from service.events.runtime import events_running
@@ -69,6 +71,14 @@ async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
         return await asyncpg.connect(*args, **kwargs)
     except (OSError, TimeoutError) as error:
         raise DatabaseUnreachable(type(error).__name__) from error
+
+
+async def tracing_provider(app: web.Application) -> AsyncIterator[None]:
+    """OpenTelemetry tracing, set up in this process (each worker, after the fork); at the end
+    the spans still batched are exported, for a few seconds at most."""
+    provider = tracing.start(app[SETTINGS].tracing, sql=app[ROLE] == "api")
+    yield
+    await tracing.stop_within(provider)
 
 
 async def database_pool(app: web.Application) -> AsyncIterator[None]:
@@ -143,6 +153,18 @@ async def rate_limits(app: web.Application) -> AsyncIterator[None]:
     await limiter.close()
 
 
+async def signing_keys(app: web.Application) -> AsyncIterator[None]:
+    """The JWKS signing keys: a first fetch started at start-up (not awaited: a provider that is
+    down must not keep the service from starting), refreshed from then on by the verifier."""
+    jwks = app[TOKEN_VERIFIER].jwks
+    if jwks is None:
+        yield
+        return
+    await jwks.start()
+    yield
+    await jwks.close()
+
+
 async def stop_being_ready(app: web.Application) -> None:
     """First thing on SIGTERM: /readyz fails, so no new traffic is routed here."""
     app[LIFECYCLE].stopping = True
@@ -170,8 +192,11 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics()
     app[DEPENDENCY_LOG] = Throttle(DEPENDENCY_LOG_INTERVAL_SECONDS)
-    app[TOKEN_VERIFIER] = TokenVerifier(settings.auth)
+    app[TOKEN_VERIFIER] = TokenVerifier(settings.auth, metrics=app[METRICS])
     app[OPENAPI_DOCUMENT] = render_openapi()
+    if settings.tracing.enabled:  # else no provider, no instrumentation, no middleware
+        app.middlewares.insert(0, server_span_middleware)
+        app.cleanup_ctx.append(tracing_provider)
     app.cleanup_ctx.append(database_pool)
     app.cleanup_ctx.append(events)
     if role == "api":
@@ -184,6 +209,7 @@ def create_app(settings: Settings, *, role: Literal["api", "relay"] = "api") -> 
     if role == "relay":
         return app
     app.cleanup_ctx.append(rate_limits)
+    app.cleanup_ctx.append(signing_keys)  # only here: the relay role verifies no token
     app.on_response_prepare.append(add_rate_limit_headers)
     app.router.add_get("/openapi.json", probes.openapi_document)
     app.router.add_get("/v1/conversations", handlers.list_conversations)

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from cachetools import LRUCache
 from marshmallow import Schema, ValidationError, fields
 from multidict import MultiMapping
 
@@ -59,9 +60,12 @@ def _objects(schema: Schema, values: dict[str, str]) -> dict[str, Any]:
 # in one walk (a schema's WALK: cursors, sync tokens). The rest is the same few again and again
 # from every client (a first page, an inbox's poll), and loading it through marshmallow costs a
 # list page about as much as its SELECT; the walk's own values are read for each request, so a
-# deep page costs what a first page does. Cleared when full; refused queries are never kept.
+# deep page costs what a first page does. The least recently used goes when full; refused
+# queries are never kept.
 QUERY_CACHE_SIZE = 1024
-_loaded_queries: dict[tuple[WalkQuerySchema, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
+_loaded_queries: LRUCache[tuple[WalkQuerySchema, tuple[tuple[str, str], ...]], dict[str, Any]] = (
+    LRUCache(maxsize=QUERY_CACHE_SIZE)
+)
 
 
 def load_query(schema: WalkQuerySchema, request: web.Request) -> dict[str, Any]:
@@ -76,8 +80,6 @@ def load_query(schema: WalkQuerySchema, request: web.Request) -> dict[str, Any]:
     try:
         if loaded is None:
             loaded = schema.load(_objects(schema, values))
-            if len(_loaded_queries) >= QUERY_CACHE_SIZE:
-                _loaded_queries.clear()
             _loaded_queries[key] = loaded
         placed = dict(loaded)
         if walk:

@@ -32,6 +32,7 @@ from service.conversations.operations import (
 )
 from service.conversations.repository import ListFilter, StoredConversation
 from service.errors import ApiError, not_found, validation_error
+from service.tracing import current_traceparent
 
 _create_schema = ConversationCreateSchema()
 _update_schema = ConversationUpdateSchema()
@@ -84,7 +85,12 @@ def _if_match(request: web.Request) -> IfMatch:
 
 
 def _traceparent(request: web.Request) -> str | None:
-    """The caller's W3C trace context, kept with the event if it is well-formed."""
+    """The trace context kept with the event: with tracing on, the request's SERVER span (so
+    that the event's publish and its subscribers join the request's trace, also when the caller
+    sent none); with it off, the caller's W3C traceparent if it is well-formed."""
+    traced = current_traceparent()
+    if traced is not None:
+        return traced
     value = request.headers.get("traceparent", "").strip()
     return value if _TRACEPARENT.fullmatch(value) else None
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from marshmallow import ValidationError
 
 from service.api.auth import READ_SCOPE, WRITE_SCOPE, InvalidToken
+from service.api.jwks import SigningKeysUnavailable
 from service.api.keys import (
     DEPENDENCY_LOG,
     LIFECYCLE,
@@ -165,12 +166,24 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             headers={"WWW-Authenticate": 'Bearer realm="conversations"'},
         )
     try:
-        principal = request.app[TOKEN_VERIFIER].verify(token.strip())
+        principal = await request.app[TOKEN_VERIFIER].authenticate(token.strip())
     except InvalidToken as error:
         raise ApiError(
             401,
             str(error),
             headers={"WWW-Authenticate": 'Bearer realm="conversations", error="invalid_token"'},
+        ) from None
+    except SigningKeysUnavailable as error:
+        # Not the caller's fault: the key may well be good, we cannot fetch it to know.
+        held_back = request.app[DEPENDENCY_LOG].admit(SigningKeysUnavailable)
+        if held_back is not None:
+            _log_failure(
+                request, error, "signing key unknown, JWKS provider down", held_back=held_back
+            )
+        raise ApiError(
+            503,
+            "The token's signing key cannot be fetched now; retry shortly.",
+            headers={"Retry-After": str(error.retry_after)},
         ) from None
     request[PRINCIPAL] = principal
     return await handler(request)

@@ -17,7 +17,7 @@ from service.api.keys import (
     RATE_LIMITER,
     SETTINGS,
 )
-from service.errors import DATABASE_UNAVAILABLE, ApiError
+from service.errors import DATABASE_SESSION_FAILURES, ApiError
 from service.metrics import Metrics
 from service.migrations import pending_migrations
 
@@ -69,7 +69,7 @@ async def readyz(request: web.Request) -> web.Response:
             async with request.app[DB_POOL].acquire() as conn:
                 pending = await pending_migrations(conn)
                 backlog = None if pending else await _outbox_backlog(conn)
-    except (*DATABASE_UNAVAILABLE, asyncpg.PostgresError):
+    except DATABASE_SESSION_FAILURES:
         raise ApiError(
             503,
             "Not ready: PostgreSQL is unreachable.",
@@ -140,7 +140,7 @@ async def metrics(request: web.Request) -> web.Response:
     if events.relay is not None:  # the outbox is the relay's business: API replicas skip the query
         registry.relay_leader.set(1 if events.relay.is_active else 0)
         registry.relay_partitions.set(len(events.relay.partitions))
-        with contextlib.suppress(*DATABASE_UNAVAILABLE, asyncpg.PostgresError):
+        with contextlib.suppress(*DATABASE_SESSION_FAILURES):
             async with asyncio.timeout(READINESS_TIMEOUT_SECONDS), pool.acquire() as conn:
                 partitions = await conn.fetch(PARTITION_BACKLOG)
             _set_backlog(registry, partitions)

@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from service.backoff import Backoff
+from service.logs import Throttle
 from service.metrics import Metrics
 from service.settings import RateLimitSettings
 
@@ -36,6 +37,7 @@ REDIS_TIMEOUT_SECONDS = 0.25
 PROBE_INTERVAL_CAP_SECONDS = 2.0
 # At most one "still unreachable" log line per this many seconds during an outage.
 LOG_INTERVAL_SECONDS = 60.0
+_UNCHECKED = "unchecked"  # the kind of those lines
 # Clocks differ a little between replicas and Redis is reached over a network: a retry after
 # Retry-After lands this much past the computed moment, never just before it.
 CLOCK_MARGIN_SECONDS = 0.05
@@ -240,8 +242,8 @@ class RateLimiter:
         self._backoff = Backoff(base=0.1, cap=PROBE_INTERVAL_CAP_SECONDS)
         self._paused_until = 0.0  # monotonic time; requests before it skip the unreachable store
         self._down_since: float | None = None
-        self._last_log = 0.0
-        self._unchecked = 0  # since the last log line
+        # The "still unreachable" lines; each counts the requests served unlimited since the last.
+        self._unchecked_log = Throttle(LOG_INTERVAL_SECONDS)
         metrics.rate_limit_store_up.set(1)
 
     @property
@@ -290,16 +292,13 @@ class RateLimiter:
 
     def _serve_unchecked(self) -> None:
         self._metrics.rate_limit_unchecked.inc()
-        self._unchecked += 1
-        now = time.monotonic()
-        if now - self._last_log >= LOG_INTERVAL_SECONDS:
+        held_back = self._unchecked_log.admit(_UNCHECKED)
+        if held_back is not None:
             log.warning(
                 "rate limits not enforced: Redis still unreachable; %d request(s) served "
                 "without a limit since the last report",
-                self._unchecked,
+                held_back + 1,
             )
-            self._last_log = now
-            self._unchecked = 0
 
     def _store_failed(self, error: BaseException) -> None:
         now = time.monotonic()
@@ -314,8 +313,7 @@ class RateLimiter:
                 type(error).__name__,
             )
             self._down_since = now
-            self._last_log = now
-            self._unchecked = 0
+            self._unchecked_log.restart(_UNCHECKED)
 
     def _store_recovered(self) -> None:
         down_for = time.monotonic() - (self._down_since or 0.0)
@@ -323,9 +321,8 @@ class RateLimiter:
             "rate limits enforced again: Redis reachable after %.1f s; %d request(s) were "
             "served without a limit since the last report",
             down_for,
-            self._unchecked,
+            self._unchecked_log.restart(_UNCHECKED),
         )
         self._down_since = None
-        self._unchecked = 0
         self._backoff.reset()
         self._metrics.rate_limit_store_up.set(1)

@@ -10,13 +10,15 @@ neither the write nor the answer, and the lock goes with the transaction.
 """
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import asyncpg
 
+from service.backoff import until_settled
 from service.conversations.housekeeping import Cleanup
+from service.conversations.parameters import Parameters
 
 T = TypeVar("T")
 
@@ -24,34 +26,52 @@ T = TypeVar("T")
 PRIMARY_KEY = "idempotency_keys_pkey"
 
 
-def claim_key(lock: int, key: int) -> str:
+class KeyValues(NamedTuple):
+    """What a keyed statement passes for its key (after the parts before it): the claim's lock
+    and key, and the answer stored with the write."""
+
+    lock_id: int
+    key: str
+    fingerprint: bytes
+    status: int
+    body: bytes
+    etag: str | None
+    location: str | None
+    ttl_hours: int
+
+
+def take_key(parameters: Parameters) -> dict[str, str]:
+    """The key's placeholders, the next parameters (`KeyedAnswer.values` passes them)."""
+    return parameters.take(*KeyValues._fields)
+
+
+def claim_key(account: str, key: Mapping[str, str]) -> str:
     """The claim CTE's query: the lock, and the key's live stored answer if it has one.
 
-    `lock` and `key` are the parameter numbers of the lock id and the key; the account is $1.
-    `may_write` is true when this request holds the key and it has no answer yet.
+    `account` is the account's placeholder, `key` the key's (`take_key`). `may_write` is true
+    when this request holds the key and it has no answer yet.
     """
     return f"""
     SELECT held, held AND stored.fingerprint IS NULL AS may_write,
            stored.fingerprint, stored.status, stored.body, stored.etag, stored.location
-    FROM (SELECT pg_try_advisory_xact_lock(${lock}) AS held) AS lock
+    FROM (SELECT pg_try_advisory_xact_lock({key["lock_id"]}) AS held) AS lock
     LEFT JOIN idempotency_keys AS stored
-        ON stored.account_id = $1 AND stored.key = ${key} AND stored.expires_at > now()"""
+        ON stored.account_id = {account} AND stored.key = {key["key"]}
+        AND stored.expires_at > now()"""
 
 
-def insert_answer(first: int, source: str) -> str:
-    """An INSERT of the answer for each row of `source`; parameters `first` (the lock id) to
-    `first + 7`, in `KeyedAnswer.params` order; the account is $1.
+def insert_answer(account: str, key: Mapping[str, str], source: str) -> str:
+    """An INSERT of the answer for each row of `source`, with the placeholders of `claim_key`.
 
     No ON CONFLICT: an answer committed after the statement's snapshot (by a request that
     released the lock just before we took it), or an expired one not yet removed, makes the
     whole statement fail with a unique violation, the write with it; the caller runs it again.
     """
-    n = first
     return f"""
     INSERT INTO idempotency_keys (account_id, key, fingerprint, status, body, etag, location,
                                   expires_at)
-    SELECT $1, ${n + 1}, ${n + 2}, ${n + 3}, ${n + 4}, ${n + 5}, ${n + 6},
-           now() + make_interval(hours => ${n + 7})
+    SELECT {account}, {key["key"]}, {key["fingerprint"]}, {key["status"]}, {key["body"]},
+           {key["etag"]}, {key["location"]}, now() + make_interval(hours => {key["ttl_hours"]})
     FROM {source}"""
 
 
@@ -61,12 +81,21 @@ CLAIM_COLUMNS = (
     "claim.body AS stored_body, claim.etag AS stored_etag, claim.location AS stored_location"
 )
 
-# An outcome that changes nothing stores only its answer, under the same claim.
-STORE_ANSWER = f"""
-WITH claim AS ({claim_key(2, 3)}),
-answer AS ({insert_answer(2, "claim WHERE claim.may_write")})
+
+def _store_answer() -> str:
+    parameters = Parameters()
+    account = parameters.take("account_id")["account_id"]
+    key = take_key(parameters)
+    return f"""
+WITH claim AS ({claim_key(account, key)}),
+answer AS ({insert_answer(account, key, "claim WHERE claim.may_write")})
 SELECT {CLAIM_COLUMNS} FROM claim
 """
+
+
+# An outcome that changes nothing stores only its answer, under the same claim: $1 is the
+# account, then the key's values.
+STORE_ANSWER = _store_answer()
 # Before running a statement again after a unique violation: an expired answer goes.
 DELETE_EXPIRED_KEY = """
 DELETE FROM idempotency_keys WHERE account_id = $1 AND key = $2 AND expires_at <= now()
@@ -136,9 +165,9 @@ class KeyedAnswer:
     key: IdempotencyKey
     answer: StoredAnswer
 
-    def params(self) -> tuple[object, ...]:
-        """The values of `claim_key` and `insert_answer`, from the lock id on."""
-        return (
+    def values(self) -> KeyValues:
+        """The values of the key's placeholders (`take_key`)."""
+        return KeyValues(  # positional, in the fields' order: the cheaper way to build one
             self.key.lock_id,
             self.key.key,
             self.key.fingerprint,
@@ -189,19 +218,22 @@ def settle(record: asyncpg.Record, keyed: KeyedAnswer) -> None:
 async def run_claimed(
     conn: asyncpg.Connection, query: str, args: tuple[object, ...], keyed: KeyedAnswer
 ) -> asyncpg.Record:
-    """Run a keyed statement (`args`, then the key's parameters) and settle its claim: the
-    record if this request may write, else AlreadyAnswered, KeyInUse or KeyReused."""
-    for _ in range(_ATTEMPTS):
+    """Run a keyed statement (`args`, then the key's values: it took their placeholders last)
+    and settle its claim: the record if this request may write, else AlreadyAnswered, KeyInUse
+    or KeyReused."""
+
+    async def claim(_: int) -> asyncpg.Record | None:
         try:
-            record = await _fetch(conn, query, (*args, *keyed.params()))
+            record = await _fetch(conn, query, (*args, *keyed.values()))
         except asyncpg.UniqueViolationError as error:
             if error.constraint_name != PRIMARY_KEY:
                 raise
             await conn.execute(DELETE_EXPIRED_KEY, keyed.key.account_id, keyed.key.key)
-            continue
+            return None
         settle(record, keyed)
         return record
-    raise RuntimeError("an idempotency key's answer kept appearing under its lock")
+
+    return await until_settled(_ATTEMPTS, claim)
 
 
 async def _fetch(conn: asyncpg.Connection, query: str, args: tuple[object, ...]) -> asyncpg.Record:

@@ -12,6 +12,7 @@ import asyncpg
 
 from schemas.cursor import Position, Sort
 from schemas.fields import METADATA_MAX_KEYS
+from service.backoff import until_settled
 from service.conversations import idempotency, outbox, repository
 from service.conversations.idempotency import Keyed
 from service.conversations.ids import new_id
@@ -81,40 +82,52 @@ async def create(
     answer is stored with the outcome (see `idempotency`).
     """
     async with pool.acquire() as conn:
-        for _ in range(_CREATE_ATTEMPTS):
-            now_ms = time.time_ns() // 1_000_000
-            resource = {
-                "id": new_id(now_ms),
-                "contact_id": fields.get("contact_id"),
-                "group_id": fields.get("group_id"),
-                "pinned_message_id": fields.get("pinned_message_id"),
-                "is_pinned": fields.get("is_pinned", False),
-                "is_muted": fields.get("is_muted", False),
-                "last_active_at": fields.get("last_active_at"),
-                "last_opened_at": fields.get("last_opened_at"),
-                "created_at": now_ms // 1000,
-                "archived_at": None,
-                "metadata": merge_metadata({}, fields.get("metadata", {})),
-            }
-            new = StoredConversation(resource, 1)
-            event = outbox.build_event(outbox.CREATED, account_id, new, 1)
-            created = await repository.insert(
-                conn,
-                account_id,
-                resource,
-                outbox.event_row(event, traceparent),
-                keyed.answer((new, True)) if keyed else None,
-            )
-            if created is not None:
-                return created, True
-            existing = await repository.find_by_participant(
-                conn, account_id, resource["contact_id"], resource["group_id"]
-            )
-            if existing is not None:
-                if keyed:
-                    await idempotency.store(conn, keyed.answer((existing, False)))
-                return existing, False
-    raise RuntimeError("create kept conflicting with conversations deleted under it")
+        return await until_settled(
+            _CREATE_ATTEMPTS, lambda _: _create_once(conn, account_id, fields, traceparent, keyed)
+        )
+
+
+async def _create_once(
+    conn: asyncpg.Connection,
+    account_id: str,
+    fields: dict[str, Any],
+    traceparent: str | None,
+    keyed: Keyed[tuple[StoredConversation, bool]] | None,
+) -> tuple[StoredConversation, bool] | None:
+    """`create`'s insert, or else the lookup of the conversation it conflicted with; None if
+    that one was deleted before the lookup."""
+    now_ms = time.time_ns() // 1_000_000
+    resource = {
+        "id": new_id(now_ms),
+        "contact_id": fields.get("contact_id"),
+        "group_id": fields.get("group_id"),
+        "pinned_message_id": fields.get("pinned_message_id"),
+        "is_pinned": fields.get("is_pinned", False),
+        "is_muted": fields.get("is_muted", False),
+        "last_active_at": fields.get("last_active_at"),
+        "last_opened_at": fields.get("last_opened_at"),
+        "created_at": now_ms // 1000,
+        "archived_at": None,
+        "metadata": merge_metadata({}, fields.get("metadata", {})),
+    }
+    event = outbox.build_event(outbox.CREATED, account_id, resource, 1)
+    created = await repository.insert(
+        conn,
+        account_id,
+        resource,
+        outbox.event_row(event, traceparent),
+        keyed.answer((StoredConversation(resource, 1), True)) if keyed else None,
+    )
+    if created is not None:
+        return created, True
+    existing = await repository.find_by_participant(
+        conn, account_id, resource["contact_id"], resource["group_id"]
+    )
+    if existing is None:
+        return None
+    if keyed:
+        await idempotency.store(conn, keyed.answer((existing, False)))
+    return existing, False
 
 
 async def get(pool: asyncpg.Pool, account_id: str, conversation_id: str) -> StoredConversation:
@@ -179,16 +192,15 @@ async def _write(
 ) -> T:
     """Run `attempt` on the conversation as read now, after the If-Match check, until it
     returns something other than None (None: it lost the race to a concurrent change)."""
+
+    async def read_then_attempt(conn: asyncpg.Connection, number: int) -> T | None:
+        last = number == _WRITE_ATTEMPTS - 1
+        async with _current(conn, account_id, conversation_id, lock=last) as current:
+            _check_version(current, if_match)
+            return await attempt(conn, current)
+
     async with pool.acquire() as conn:
-        for number in range(_WRITE_ATTEMPTS):
-            async with _current(
-                conn, account_id, conversation_id, lock=number == _WRITE_ATTEMPTS - 1
-            ) as current:
-                _check_version(current, if_match)
-                result = await attempt(conn, current)
-                if result is not None:
-                    return result
-    raise RuntimeError("a locked write cannot lose a race")
+        return await until_settled(_WRITE_ATTEMPTS, lambda number: read_then_attempt(conn, number))
 
 
 async def update(
@@ -226,7 +238,7 @@ async def update(
         event = outbox.build_event(
             outbox.ARCHIVED if archived else outbox.UPDATED,
             account_id,
-            after,
+            after.resource,
             after.version,
             previous,
         )
@@ -256,7 +268,9 @@ async def delete(
     async def attempt(
         conn: asyncpg.Connection, current: StoredConversation
     ) -> StoredConversation | None:
-        event = outbox.build_event(outbox.DELETED, account_id, current, current.version + 1)
+        event = outbox.build_event(
+            outbox.DELETED, account_id, current.resource, current.version + 1
+        )
         row = outbox.event_row(event, traceparent)
         answer = keyed.answer(current) if keyed else None
         deleted = await repository.delete(

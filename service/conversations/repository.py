@@ -8,38 +8,46 @@ import asyncpg
 import orjson
 
 from schemas.cursor import Position, Sort
-from service.conversations import idempotency
+from service.conversations import idempotency, outbox
 from service.conversations.idempotency import KeyedAnswer
+from service.conversations.outbox import OutboxRow
+from service.conversations.parameters import Parameters
 
-# The resource's fields, in the contract's order; `version` travels beside them.
-RESOURCE_FIELDS = (
-    "id",
-    "contact_id",
-    "group_id",
-    "pinned_message_id",
-    "is_pinned",
-    "is_muted",
-    "last_active_at",
-    "last_opened_at",
-    "created_at",
-    "archived_at",
-    "metadata",
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A column of `conversations` that is a field of the resource (same name)."""
+
+    name: str
+    type: str  # PostgreSQL's: the cast of a parameter whose type a statement cannot infer
+    writable: bool = False  # an update may change it
+
+
+# The resource's columns, in the contract's order: every statement's column list, its
+# parameters and the row's mapping to the resource are derived from these.
+COLUMNS = (
+    Column("id", "text"),
+    Column("contact_id", "text"),
+    Column("group_id", "text"),
+    Column("pinned_message_id", "text", writable=True),
+    Column("is_pinned", "boolean", writable=True),
+    Column("is_muted", "boolean", writable=True),
+    Column("last_active_at", "bigint", writable=True),
+    Column("last_opened_at", "bigint", writable=True),
+    Column("created_at", "bigint"),
+    Column("archived_at", "bigint", writable=True),
+    Column("metadata", "jsonb", writable=True),
 )
-# What an update may change, in the order UPDATE_CONVERSATION takes them.
-WRITABLE_FIELDS = (
-    "pinned_message_id",
-    "is_pinned",
-    "is_muted",
-    "last_active_at",
-    "last_opened_at",
-    "archived_at",
-    "metadata",
-)
+RESOURCE_FIELDS = tuple(column.name for column in COLUMNS)
+# What an update may change; `update` passes them in this order.
+WRITABLE_FIELDS = tuple(column.name for column in COLUMNS if column.writable)
+# What a statement returns of the row: the resource, and `version` beside it.
 _COLUMNS = ", ".join(RESOURCE_FIELDS) + ", version"
-# A listed page goes straight into its response: its metadata is read as the JSON text
+# A listed page goes straight into its response: its jsonb (metadata) is read as the JSON text
 # PostgreSQL writes and passed on as it is (orjson.Fragment), never decoded and encoded again.
+_TEXT_FIELDS = tuple(column.name for column in COLUMNS if column.type == "jsonb")
 _LISTED = [
-    f"{field}::text AS {field}" if field == "metadata" else field for field in RESOURCE_FIELDS
+    f"{field}::text AS {field}" if field in _TEXT_FIELDS else field for field in RESOURCE_FIELDS
 ]
 
 
@@ -71,54 +79,42 @@ def _stored(record: asyncpg.Record) -> StoredConversation:
 
 
 def _listed(record: asyncpg.Record) -> StoredConversation:
-    """A row read with the `_LISTED` columns: its metadata is JSON text, to be sent as it is."""
+    """A row read with the `_LISTED` columns: its jsonb is JSON text, to be sent as it is."""
     resource = resource_of(record)
-    resource["metadata"] = orjson.Fragment(resource["metadata"])
+    for field in _TEXT_FIELDS:
+        resource[field] = orjson.Fragment(resource[field])
     return StoredConversation(resource, record["version"])
-
-
-def _event(first: int) -> str:
-    """The outbox row of the change's row, if any: parameters `first` to `first + 6`, in
-    `outbox.event_row` order."""
-    n = first
-    return f"""event AS (
-    INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload,
-                        traceparent)
-    SELECT ${n}, ${n + 1}, ${n + 2}, ${n + 3}, ${n + 4}, ${n + 5}::json, ${n + 6} FROM changed
-)"""
-
-
-def _with_event(change: str, first: int, *, also: str = "") -> str:
-    """`change` (an INSERT, UPDATE or DELETE returning the row) and, if it touched a row, that
-    change's outbox row, in one statement: one round trip, atomic without BEGIN/COMMIT.
-
-    The event's values are parameters `first` to `first + 6`, in `outbox.event_row` order;
-    `also` is any further data-modifying CTE on `changed` (a delete's tombstone).
-    """
-    return f"""
-WITH changed AS ({change}),{also}
-{_event(first)}
-SELECT {_COLUMNS} FROM changed
-"""
 
 
 # A keyed change runs only if its claim allows it (see idempotency.claim_key).
 MAY_WRITE = "(SELECT may_write FROM claim)"
 
 
-def _with_event_and_answer(change: str, first: int, *, also: str = "") -> str:
-    """As `_with_event`, under an idempotency key: the claim first, and with the row and its
-    event, the answer; still one statement. `change` runs only if MAY_WRITE.
+def _statement(
+    change: str, parameters: Parameters, account: str, *, keyed: bool, also: str = ""
+) -> str:
+    """`change` (an INSERT, UPDATE or DELETE returning the row) and, if it touched a row, that
+    change's outbox row, in one statement: one round trip, atomic without BEGIN/COMMIT.
 
-    The key's values follow the event's: parameters `first + 7` to `first + 14`, in
-    `idempotency.KeyedAnswer.params` order. One row always: the claim, and the changed row's
-    columns (null when nothing changed).
+    The outbox row's values follow the change's (an `OutboxRow`); `also` is any further
+    data-modifying CTE on `changed` (a delete's tombstone). `keyed`: under an idempotency key,
+    the claim first and, with the row and its event, the answer, whose values come last
+    (`KeyedAnswer.values`); `change` then runs only if MAY_WRITE, and the statement returns one
+    row always: the claim, and the changed row's columns (null when nothing changed).
     """
+    event = outbox.insert_row(parameters, "changed")
+    if not keyed:
+        return f"""
+WITH changed AS ({change}),{also}
+event AS ({event})
+SELECT {_COLUMNS} FROM changed
+"""
+    key = idempotency.take_key(parameters)
     return f"""
-WITH claim AS ({idempotency.claim_key(first + 7, first + 8)}),
+WITH claim AS ({idempotency.claim_key(account, key)}),
 changed AS ({change}),{also}
-{_event(first)},
-answer AS ({idempotency.insert_answer(first + 7, "changed")})
+event AS ({event}),
+answer AS ({idempotency.insert_answer(account, key, "changed")})
 SELECT {idempotency.CLAIM_COLUMNS}, changed.* FROM claim LEFT JOIN changed ON true
 """
 
@@ -140,48 +136,39 @@ async def _run(
     return _stored(record) if record else None
 
 
-_INSERT = f"""
-    INSERT INTO conversations (account_id, id, contact_id, group_id, pinned_message_id,
-                               is_pinned, is_muted, last_active_at, last_opened_at, created_at,
-                               metadata)
-    {{values}}
+def _insert(*, keyed: bool) -> str:
+    """INSERT_CONVERSATION; `keyed`: INSERT_CONVERSATION_KEYED. $1 is the account, then the
+    resource's fields (RESOURCE_FIELDS), then the outbox row."""
+    parameters = Parameters()
+    values = parameters.take("account_id", *RESOURCE_FIELDS)
+    if keyed:  # a SELECT's parameters have no column to take their types from
+        types = {"account_id": "text", **{column.name: column.type for column in COLUMNS}}
+        rows = "SELECT " + ", ".join(f"{values[name]}::{types[name]}" for name in values)
+        rows += f" WHERE {MAY_WRITE}"
+    else:
+        rows = f"VALUES ({', '.join(values.values())})"
+    change = f"""
+    INSERT INTO conversations ({", ".join(values)})
+    {rows}
     ON CONFLICT DO NOTHING
     RETURNING {_COLUMNS}"""
-INSERT_CONVERSATION = _with_event(
-    _INSERT.format(values="VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"), 12
-)
-INSERT_CONVERSATION_KEYED = _with_event_and_answer(
-    _INSERT.format(
-        values="SELECT $1::text, $2::text, $3::text, $4::text, $5::text, $6::boolean, "
-        f"$7::boolean, $8::bigint, $9::bigint, $10::bigint, $11::jsonb WHERE {MAY_WRITE}"
-    ),
-    12,
-)
+    return _statement(change, parameters, values["account_id"], keyed=keyed)
+
+
+INSERT_CONVERSATION = _insert(keyed=False)
+INSERT_CONVERSATION_KEYED = _insert(keyed=True)
 
 
 async def insert(
     conn: asyncpg.Connection,
     account_id: str,
     resource: dict[str, Any],
-    event: tuple[object, ...],
+    event: OutboxRow,
     keyed: KeyedAnswer | None = None,
 ) -> StoredConversation | None:
     """Insert a new conversation and its event (and, under a key, its answer); None (and no
     event) when the contact or group already has one."""
-    args = (
-        account_id,
-        resource["id"],
-        resource["contact_id"],
-        resource["group_id"],
-        resource["pinned_message_id"],
-        resource["is_pinned"],
-        resource["is_muted"],
-        resource["last_active_at"],
-        resource["last_opened_at"],
-        resource["created_at"],
-        resource["metadata"],
-        *event,
-    )
+    args = (account_id, *(resource[field] for field in RESOURCE_FIELDS), *event)
     return await _run(conn, INSERT_CONVERSATION, INSERT_CONVERSATION_KEYED, args, keyed)
 
 
@@ -215,16 +202,25 @@ async def get(
     return _stored(record) if record else None
 
 
-# change_xid: every change moves the row's delta-sync position (service/conversations/sync.py).
-_UPDATE = f"""
+def _update(*, keyed: bool) -> str:
+    """UPDATE_CONVERSATION; `keyed`: UPDATE_CONVERSATION_KEYED. The account, the id and the
+    version read, then the writable fields (WRITABLE_FIELDS), then the outbox row."""
+    parameters = Parameters()
+    row = parameters.take("account_id", "id", "version")
+    values = parameters.take(*WRITABLE_FIELDS)
+    guard = f" AND {MAY_WRITE}" if keyed else ""
+    # change_xid: every change moves the row's delta-sync position (sync.py).
+    change = f"""
     UPDATE conversations
-    SET pinned_message_id = $4, is_pinned = $5, is_muted = $6,
-        last_active_at = $7, last_opened_at = $8, archived_at = $9, metadata = $10,
+    SET {", ".join(f"{field} = {value}" for field, value in values.items())},
         version = version + 1, change_xid = pg_current_xact_id()
-    WHERE account_id = $1 AND id = $2 AND version = $3{{guard}}
+    WHERE account_id = {row["account_id"]} AND id = {row["id"]} AND version = {row["version"]}{guard}
     RETURNING {_COLUMNS}"""
-UPDATE_CONVERSATION = _with_event(_UPDATE.format(guard=""), 11)
-UPDATE_CONVERSATION_KEYED = _with_event_and_answer(_UPDATE.format(guard=f" AND {MAY_WRITE}"), 11)
+    return _statement(change, parameters, row["account_id"], keyed=keyed)
+
+
+UPDATE_CONVERSATION = _update(keyed=False)
+UPDATE_CONVERSATION_KEYED = _update(keyed=True)
 
 
 async def update(
@@ -232,7 +228,7 @@ async def update(
     account_id: str,
     resource: dict[str, Any],
     expected_version: int,
-    event: tuple[object, ...],
+    event: OutboxRow,
     keyed: KeyedAnswer | None = None,
 ) -> StoredConversation | None:
     """Write the writable fields of `resource` and its event (and, under a key, its answer) if
@@ -247,16 +243,27 @@ async def update(
     return await _run(conn, UPDATE_CONVERSATION, UPDATE_CONVERSATION_KEYED, args, keyed)
 
 
-_DELETE = f"""
-    DELETE FROM conversations WHERE account_id = $1 AND id = $2 AND version = $3{{guard}}
+def _delete(*, keyed: bool) -> str:
+    """DELETE_CONVERSATION; `keyed`: DELETE_CONVERSATION_KEYED. The account, the id and the
+    version read, then the outbox row."""
+    parameters = Parameters()
+    row = parameters.take("account_id", "id", "version")
+    guard = f" AND {MAY_WRITE}" if keyed else ""
+    change = f"""
+    DELETE FROM conversations
+    WHERE account_id = {row["account_id"]} AND id = {row["id"]} AND version = {row["version"]}{guard}
     RETURNING {_COLUMNS}"""
-# The tombstone's position is the deleting transaction's id (the column's default), as an update's.
-_TOMBSTONE = """
-tombstone AS (INSERT INTO conversation_tombstones (account_id, id) SELECT $1, id FROM changed),"""
-DELETE_CONVERSATION = _with_event(_DELETE.format(guard=""), 4, also=_TOMBSTONE)
-DELETE_CONVERSATION_KEYED = _with_event_and_answer(
-    _DELETE.format(guard=f" AND {MAY_WRITE}"), 4, also=_TOMBSTONE
-)
+    # The tombstone's position is the deleting transaction's id (the column's default), as an
+    # update's.
+    tombstone = f"""
+tombstone AS (
+    INSERT INTO conversation_tombstones (account_id, id) SELECT {row["account_id"]}, id FROM changed
+),"""
+    return _statement(change, parameters, row["account_id"], keyed=keyed, also=tombstone)
+
+
+DELETE_CONVERSATION = _delete(keyed=False)
+DELETE_CONVERSATION_KEYED = _delete(keyed=True)
 
 
 async def delete(
@@ -264,7 +271,7 @@ async def delete(
     account_id: str,
     conversation_id: str,
     expected_version: int,
-    event: tuple[object, ...],
+    event: OutboxRow,
     keyed: KeyedAnswer | None = None,
 ) -> bool:
     """Remove a conversation and record its event (and, under a key, its answer) if it is

@@ -27,6 +27,7 @@ from service.events.broker import BROKER_UNAVAILABLE, Broker, Outgoing
 from service.events.inflight import InFlight, PublishOutcome
 from service.events.partitions import PartitionShare
 from service.events.retry import Retry
+from service.events.tracing import end_publish_spans, start_publish_spans
 from service.metrics import Metrics
 from service.settings import EventSettings
 
@@ -331,9 +332,12 @@ class Relay:
         and are published again, so per conversation nothing is ever overtaken for good.
         """
         started = time.perf_counter()
+        messages = [build_message(row) for row in rows]
+        spans = start_publish_spans(self._settings.exchange, messages)  # None: tracing off
         confirmed, failure = await self._broker.publish_batch(
-            [build_message(row) for row in rows], PUBLISH_CONFIRM_TIMEOUT_SECONDS
+            messages, PUBLISH_CONFIRM_TIMEOUT_SECONDS
         )
+        end_publish_spans(spans, confirmed, failure)
         if self._metrics is not None:
             _record(self._metrics, rows, confirmed, time.perf_counter() - started)
         return [row["id"] for row in rows[:confirmed]], failure

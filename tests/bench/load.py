@@ -65,7 +65,7 @@ class Commands:
 
 
 def find_pgbench() -> str:
-    """pgbench of the newest installed server, found the way deploy/dev/services.sh finds it."""
+    """pgbench of the newest installed server, found the way deploy/dev/services.py finds it."""
     pg_config = shutil.which("pg_config")
     if pg_config:
         bindir = subprocess.run(

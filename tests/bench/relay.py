@@ -268,7 +268,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def broker_process(state_dir: Path) -> int | None:
-    """The local RabbitMQ node's Erlang VM (deploy/dev/services.sh keeps its files in
+    """The local RabbitMQ node's Erlang VM (deploy/dev/services.py keeps its files in
     `state_dir`), or None when the broker runs elsewhere."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

@@ -43,6 +43,13 @@ class Check:
 
 # Why a target can be missed on this set-up; shown under the table for each missed one.
 WHY_MISSED = {
+    "tracing_001_vs_off": (
+        "At ratio 0.01 a request still gets a SERVER span that is not recorded (a trace id, a "
+        "span id and the sampler's decision, and the context attached for the request's "
+        "work: about 7 us in tests/bench/span_middleware.py) and its SQL statements are not "
+        "instrumented; a steady gap over 5% would point at that span's cost against the "
+        "request's (see the CPU per request rows), a gap in one round only at other work."
+    ),
     "get_vs_minimal": (
         "The minimal endpoint does nothing but the SELECT and the JSON. The service also checks "
         "the bearer token, runs four middlewares (metrics histogram, request id with a uuid4, "
@@ -143,6 +150,12 @@ WHY_MISSED = {
         "call, so the client's cost per request falls as the load rises; redis-py's "
         "pure-Python command packing and reply parsing are most of what remains, and Redis "
         "itself shares the 2 cores with the workers, PostgreSQL and wrk."
+    ),
+    "jwks_vs_hs256": (
+        "Both services remember a verified token until it expires, so after the warm-up a "
+        "request costs the same dict lookup whatever signed its token; a gap here is noise "
+        "between two servers started in turn on shared cores, or a per-token cache that "
+        "misses (RS256 verification costs about 50 us, HS256 about 5 us)."
     ),
     "relays_2_vs_1": (
         "Two relays on 2 shared cores compete with PostgreSQL, RabbitMQ and the harness for the "
@@ -260,11 +273,11 @@ make bench                               # the full run (about 12 minutes here);
 BENCH_QUICK=1 make bench                 # a short run (about 3 minutes): less data, 5 s runs
 BENCH_QUICK=1 BENCH_PROFILE=1 make bench # the short run with the profile (the full run has it)
 BENCH_QUICK=1 BENCH_ONLY="sync writes" make bench  # only these scenarios; prints, keeps this file
-                                         # (alone: inbox, sync, writes, relay, relays)
+                                         # (alone: inbox, sync, writes, relay, relays, jwks)
 ```
 
 It needs what `make run` needs (it starts the local PostgreSQL and RabbitMQ the same way), and
-installs what only it needs: Debian's `wrk` (through `deploy/dev/install-packages.sh`), and the
+installs what only it needs: Debian's `wrk` (through `deploy/dev/install_packages.py`), and the
 `bench` extra of `pyproject.toml` (FastAPI, uvicorn, py-spy) into `.venv`. pgbench comes with
 PostgreSQL. Benchmarks are not part of `make test`. Logs of every server go to `.dev/bench/`
 (`service.log`, `minimal.log`, `fastapi.log`), never to the terminal; so do the data files that
@@ -372,6 +385,22 @@ $commands
    publisher sends as many messages first, for scale. `--only relays` runs this scenario
    alone (`python -m tests.bench.run --quick --only relays` under `make env`'s variables),
    printing its tables without touching this file.
+10. **Tokens from a JWKS.** GET by id as in scenario 1, against one service that takes both
+   HS256 tokens (the secret, as everywhere else) and RS256 tokens whose key it fetches from a
+   JWKS that the harness serves on a loopback port (`tests/bench/jwks.py`, one RSA key;
+   `JWT_JWKS_URL`, `JWT_AUDIENCE`, both kinds of token carrying that audience). wrk sends one
+   kind, then the other, for at least two rounds; the target takes each kind's best round. The
+   service fetches the key set once per worker at start-up; each token is verified once per
+   worker and then served from the verified-token cache, as with HS256. `--only jwks` runs it alone.
+
+11. **Tracing.** GET by id as in scenario 1, against the service started three times in turn:
+   tracing off, then on with `OTEL_TRACES_SAMPLER=parentbased_traceidratio` at
+   `OTEL_TRACES_SAMPLER_ARG` 0.01 and 1.0, exporting (OTLP over HTTP/protobuf, the SDK's
+   batching defaults) to a sink in the harness that accepts and discards every export
+   (`tests/bench/otlp_sink.py`). The API workers' CPU seconds (user + system, from
+   `/proc/<pid>/stat`) are read around each measured run: CPU per request. The full run
+   does this twice and the targets take each one's best round. `--only tracing` runs it
+   alone.
 
 ## Set-up and decisions
 

@@ -1,6 +1,6 @@
 """The benchmark harness behind `make bench`: seed, start each server, drive it, report.
 
-    python -m tests.bench.run [--quick] [--profile] [--only relay] [--only relays]
+    python -m tests.bench.run [--quick] [--profile] [--only relay] [--only relays] [--only jwks]
 
 Needs DATABASE_URL (a server where it may drop and create `conversations_bench`), AMQP_URL and
 JWT_HS256_SECRETS, as `make env` prints them (`make bench` sets them). Prints each figure as it
@@ -29,7 +29,9 @@ from aio_pika.abc import AbstractQueue
 from service.conversations import repository
 from service.settings import load_auth_settings
 from tests.bench import report
+from tests.bench.jwks import jwks_provider
 from tests.bench.load import Commands, LoadResult, find_pgbench, pgbench, wrk
+from tests.bench.otlp_sink import otlp_sink
 from tests.bench.processes import Server, free_port, running
 from tests.bench.profile import record, summarize
 from tests.bench.relay import (
@@ -40,6 +42,7 @@ from tests.bench.relay import (
     broker_sink,
     broker_version,
     commit_to_subscriber,
+    cpu_seconds,
     raw_publisher,
     relay_drain,
     shared_drain,
@@ -232,11 +235,18 @@ def _common_env(bench: Bench, port: int) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def service(bench: Bench, rate_limits: str = "off") -> AsyncIterator[Server]:
+async def service(
+    bench: Bench,
+    rate_limits: str = "off",
+    *,
+    extra_env: dict[str, str] | None = None,
+    dataset: Dataset | None = None,
+) -> AsyncIterator[Server]:
     """The service as in production: `conversations serve` (workers, JSON access log, metrics,
     `RELAY_ENABLED=false`) and `conversations relay` in a process of its own, as the Kubernetes
-    manifests deploy them, with the rate limits of RATE_LIMITS[rate_limits]. Yields the API
-    server."""
+    manifests deploy them, with the rate limits of RATE_LIMITS[rate_limits] and `extra_env` on
+    top (token settings, tracing), ready when a token of `dataset` (default: the seeded one)
+    reads. Yields the API server."""
     port = free_port()
     relay_port = free_port()
     env = {
@@ -250,6 +260,7 @@ async def service(bench: Bench, rate_limits: str = "off") -> AsyncIterator[Serve
         "EVENTS_EXCHANGE": EXCHANGE,
         "SHUTDOWN_TIMEOUT_SECONDS": "5",
         **RATE_LIMITS[rate_limits],
+        **(extra_env or {}),
     }
     command = str(Path(sys.executable).with_name("conversations"))
 
@@ -275,7 +286,7 @@ async def service(bench: Bench, rate_limits: str = "off") -> AsyncIterator[Serve
             port=port,
             workers=WORKERS,
             log_path=BENCH_DIR / "service.log",
-            ready=_readiness(bench.dataset, probe="/readyz"),
+            ready=_readiness(dataset or bench.dataset, probe="/readyz"),
         ) as api,
     ):
         yield api
@@ -340,8 +351,8 @@ async def measure(
     return bench.add(Measurement(scenario, subject, load, rss_mb=tuple(server.peak_rss_mb())))
 
 
-async def get_by_id(bench: Bench, server: Server, subject: str, scenario: str = "1") -> Measurement:
-    """Warm up, then measure GET /v1/conversations/{id}."""
+async def warm_up(bench: Bench, server: Server, subject: str, scenario: str) -> None:
+    """GET /v1/conversations/{id} for the warm-up time, unmeasured."""
     bench.say(f"scenario {scenario}: {subject}: warm-up {bench.plan.warmup_seconds} s")
     await wrk(
         bench.commands,
@@ -350,6 +361,11 @@ async def get_by_id(bench: Bench, server: Server, subject: str, scenario: str = 
         bench.plan.warmup_seconds,
         bench.dataset.data_dir,
     )
+
+
+async def get_by_id(bench: Bench, server: Server, subject: str, scenario: str = "1") -> Measurement:
+    """Warm up, then measure GET /v1/conversations/{id}."""
+    await warm_up(bench, server, subject, scenario)
     return await measure(bench, server, scenario, subject, "get_by_id.lua", bench.plan.seconds)
 
 
@@ -453,6 +469,28 @@ async def scenario_rate_limits(bench: Bench) -> None:
     bench.check(rate_check("limits_in_process_vs_off", what, in_process, off, 0.95))
     what = "GET by id, rate limits in Redis / off"
     bench.check(rate_check("limits_redis_vs_off", what, redis, off, 0.8))
+
+
+async def scenario_jwks(bench: Bench) -> None:
+    """Scenario 10: one service that takes both HS256 tokens and RS256 tokens whose key it
+    fetched from a JWKS (tests/bench/jwks.py); GET by id with each kind in turn, at least two
+    rounds, and the target on each kind's best round."""
+    rounds = []
+    async with (
+        jwks_provider(bench.dataset, BENCH_DIR / "jwks-data") as provider,
+        service(bench, extra_env=provider.service_env(), dataset=provider.rs256) as server,
+    ):
+        for number in range(1, max(2, bench.plan.rounds) + 1):
+            measured = []
+            for kind, dataset in (("HS256", provider.hs256), ("RS256 from a JWKS", provider.rs256)):
+                # The same run (its lists are shared), reading this kind's tokens for wrk.
+                each = dataclasses.replace(bench, dataset=dataset)
+                subject = f"{SERVICE_GET}, {kind} (round {number})"
+                measured.append(await get_by_id(each, server, subject, "10"))
+            rounds.append(measured)
+        bench.say(f"  JWKS fetches by the service: {len(provider.requests)}")
+    hs256, rs256 = (_best(runs) for runs in zip(*rounds, strict=True))
+    bench.check(rate_check("jwks_vs_hs256", "GET by id, JWKS RS256 / HS256", rs256, hs256, 0.9))
 
 
 async def scenario_list(bench: Bench, server: Server, get: Measurement) -> Measurement:
@@ -724,6 +762,69 @@ def _others(drain: SharedDrain) -> str:
     )
 
 
+# Scenario 11's services: tracing off, then on (to the harness's OTLP sink) at two ratios.
+TRACING_RUNS = {"off": None, "ratio 0.01": 0.01, "ratio 1.0": 1.0}
+
+
+async def scenario_tracing(bench: Bench) -> None:
+    """Scenario 11: GET by id with tracing off, then on at sampling ratios 0.01 and 1.0,
+    exporting to a local OTLP sink; the service started afresh for each, the workers' CPU time
+    read around each measured run. Each round runs the three in turn, every other round in
+    the reverse order (so that a load on the machine that grows or fades during the run
+    favours none of them); each one's best rate and lowest CPU per request count."""
+    rounds: list[dict[str, tuple[Measurement, float]]] = []
+    async with otlp_sink() as sink:
+        for number in range(1, bench.plan.rounds + 1):
+            label = f" (round {number} of {bench.plan.rounds})" if bench.plan.rounds > 1 else ""
+            measured = {}
+            order = list(TRACING_RUNS.items())
+            for name, ratio in order if number % 2 else reversed(order):
+                extra = {"OTEL_SDK_DISABLED": "true"}
+                if ratio is not None:
+                    extra = {
+                        "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+                        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                        "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+                    }
+                async with service(bench, extra_env=extra) as server:
+                    subject = f"{SERVICE_GET}, tracing {name}{label}"
+                    measured[name] = await _get_by_id_with_cpu(bench, server, subject)
+            rounds.append(measured)
+        bench.say(f"  the OTLP sink received {sink.exports:,} exports, {sink.bytes:,} bytes")
+    best = {name: _best(tuple(measured[name][0] for measured in rounds)) for name in TRACING_RUNS}
+    what = "GET by id, tracing at ratio 0.01 / off"
+    bench.check(rate_check("tracing_001_vs_off", what, best["ratio 0.01"], best["off"], 0.95))
+    what = "GET by id, tracing at ratio 1.0 / off"
+    bench.check(rate_check("tracing_1_vs_off", what, best["ratio 1.0"], best["off"], None))
+    for name in TRACING_RUNS:
+        cpu = min(measured[name][1] for measured in rounds)
+        bench.check(
+            Check(
+                f"tracing_cpu_{name}",
+                "11",
+                f"service CPU per GET by id, tracing {name} (lowest of the rounds)",
+                f"{cpu:.0f} us",
+                "-",
+                None,
+                "(no target)",
+                None,
+            )
+        )
+
+
+async def _get_by_id_with_cpu(
+    bench: Bench, server: Server, subject: str
+) -> tuple[Measurement, float]:
+    """Warm up, then measure GET by id; also the workers' CPU microseconds per request."""
+    await warm_up(bench, server, subject, "11")
+    before = sum(cpu_seconds(pid) for pid in server.workers)
+    measured = await measure(bench, server, "11", subject, "get_by_id.lua", bench.plan.seconds)
+    used = sum(cpu_seconds(pid) for pid in server.workers) - before
+    cpu = used / max(1, measured.load.requests) * 1e6
+    bench.say(f"    workers' CPU: {cpu:.0f} us per request")
+    return measured, cpu
+
+
 # Scenarios that `--only` can run alone, against the service only (no peers, no document).
 ALONE: dict[str, Callable[[Bench, Server], Awaitable[None]]] = {
     "inbox": scenario_inbox_alone,
@@ -832,6 +933,11 @@ async def main(plan: Plan) -> None:
                 if name == "relays":  # its own relays, no service
                     await scenario_relays(bench, sink)
                     continue
+                if name == "jwks":  # its own services
+                    await scenario_jwks(bench)
+                if name == "tracing":  # its own services, three of them
+                    await scenario_tracing(bench)
+                    continue
                 async with service(bench) as server:
                     if name == "relay":  # the service's relay, and the broker's sink
                         await scenario_relay(bench, server, sink)
@@ -853,6 +959,8 @@ async def main(plan: Plan) -> None:
             await scenario_relay(bench, server, sink)
             await scenario_mixed(bench, server)
         await scenario_rate_limits(bench)
+        await scenario_jwks(bench)
+        await scenario_tracing(bench)
         await scenario_relays(bench, sink)  # its own relays: the service's would join them
     elapsed = time.monotonic() - started
     machine = report.machine(
@@ -898,7 +1006,7 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--profile", action="store_true", help="profile in quick mode too (py-spy)")
     parser.add_argument(
         "--only",
-        choices=sorted([*ALONE, "relay", "relays"]),
+        choices=sorted([*ALONE, "relay", "relays", "jwks", "tracing"]),
         action="append",
         default=[],
         help="run only this scenario (repeatable); prints, writes no document",
