@@ -101,6 +101,20 @@ async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 
             await asyncio.sleep(0.05)
 
 
+# The relay's session of this test's database, by what it last ran: $1, a pattern of it.
+RELAY_SESSION_LAST_RAN = """
+SELECT count(*) > 0 FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = 'conversations-relay'
+  AND state = 'idle' AND query LIKE $1
+"""
+
+
+async def relay_last_ran(db: asyncpg.Connection, pattern: str) -> bool:
+    """Whether a relay's session is idle, its last statement matching `pattern` (LIKE)."""
+    await db.execute("SELECT pg_stat_clear_snapshot()")  # pg_stat_activity as of now
+    return await db.fetchval(RELAY_SESSION_LAST_RAN, pattern)
+
+
 async def pending_is(db: asyncpg.Connection, count: int) -> bool:
     """Whether the outbox has exactly `count` events not yet published."""
     return await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == count

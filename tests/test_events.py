@@ -4,7 +4,9 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import gc
 import io
+import logging
 import os
 import signal
 import sys
@@ -21,10 +23,11 @@ from schemas import ReadinessSchema
 from schemas.event import EventSchema
 from service.api.app import create_app
 from service.backoff import Backoff
+from service.conversations import housekeeping
+from service.conversations.housekeeping import DELETE_PUBLISHED_OUTBOX, published_outbox_rows
+from service.events import amqp_logs
 from service.events.broker import Broker, Outgoing
 from service.events.relay import (
-    CLEANUP_BATCH,
-    DELETE_PUBLISHED,
     SELECT_PENDING,
     SESSION_SETTINGS,
     Relay,
@@ -32,10 +35,12 @@ from service.events.relay import (
     select_pending_of,
 )
 from service.events.tail import tail
+from service.logs import Throttle
 from tests.events_support import (
     RecordingBroker,
     amqp_url,
     pending_is,
+    relay_last_ran,
     running_relay,
     wait_until,
 )
@@ -145,13 +150,13 @@ async def test_a_rejected_or_rolled_back_write_publishes_nothing(client, headers
 
 
 async def test_notify_wakes_the_relay_long_before_its_poll(
-    event_settings, aiohttp_client, headers, subscriber
+    event_settings, aiohttp_client, headers, subscriber, db
 ):
     slow_poll = dataclasses.replace(event_settings.events, relay_poll_interval_seconds=30)
     client = await aiohttp_client(create_app(dataclasses.replace(event_settings, events=slow_poll)))
     await create(client, headers, contact_id="warm-up")
-    await subscriber.receive(1)  # the relay is connected and waiting
-    await asyncio.sleep(0.2)
+    await subscriber.receive(1)
+    await wait_until(lambda: pending_is(db, 0))  # marked: the relay is done with it, and waits
     started = time.monotonic()
     await create(client, headers, contact_id="c1")
     await subscriber.receive(1, timeout=10)
@@ -186,14 +191,15 @@ async def get_one(queue_name: str, timeout: float) -> aio_pika.abc.AbstractIncom
 
 
 async def test_readyz_reports_broker_relay_and_backlog(client):
-    async with asyncio.timeout(20):
-        while True:
-            body = await (await client.get("/readyz")).json()
-            assert ReadinessSchema().validate(body) == {}
-            checks = body["checks"]
-            if checks["broker"] == "connected" and checks["relay"] == "active":
-                break
-            await asyncio.sleep(0.1)
+    checks: dict = {}
+
+    async def connected_and_active() -> bool:
+        body = await (await client.get("/readyz")).json()
+        assert ReadinessSchema().validate(body) == {}
+        checks.update(body["checks"])
+        return checks["broker"] == "connected" and checks["relay"] == "active"
+
+    await wait_until(connected_and_active)
     assert checks["outbox"]["pending"] == 0
 
 
@@ -259,6 +265,7 @@ async def test_the_relay_resumes_once_the_broker_is_back_not_after_its_backoff(
     event_settings, aiohttp_client, headers, subscriber, db, caplog
 ):
     # The relay once slept out its backoff ("retrying in 26.5s") after RabbitMQ was back.
+    caplog.set_level(logging.INFO, logger="service.events.relay")
     parts = urlsplit(amqp_url())
     proxy = TcpProxy(parts.hostname, parts.port)
     await proxy.start()
@@ -274,8 +281,12 @@ async def test_the_relay_resumes_once_the_broker_is_back_not_after_its_backoff(
 
             await proxy.cut()
             await create(client, headers, contact_id="during")  # wakes the relay: it fails
+            # It waits its backoff: after a failed publish, or after leaving the relays.
             await wait_until(
-                lambda: _true(f"retrying in {LONG_BACKOFF_SECONDS:.1f}s" in caplog.text)
+                lambda: _true(
+                    f"retrying in {LONG_BACKOFF_SECONDS:.1f}s" in caplog.text
+                    or "relay left the relays until RabbitMQ is back" in caplog.text
+                )
             )
             await proxy.start()
             # Well before the backoff would end: resumed by the reconnect, not by the clock.
@@ -290,6 +301,77 @@ async def test_the_relay_resumes_once_the_broker_is_back_not_after_its_backoff(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+LIBRARY_LOGGERS = ("aiormq", "aio_pika", "asyncio")
+
+
+async def test_a_broker_outage_logs_one_warning_per_interval_and_no_library_errors(
+    event_settings, subscriber, db, caplog, monkeypatch
+):
+    # A RabbitMQ kill once logged 30 ERROR lines from aiormq and aio-pika: "Connection refused"
+    # every second, "Task exception was never retrieved" for a failed batch's publishes, and an
+    # error in a channel's close callback.
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(amqp_logs.FILTER, "throttle", Throttle(2.5))  # a short interval
+    await db.execute(
+        """
+        INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload)
+        SELECT 'evt_' || lpad(n::text, 16, '0'), 'conversation.updated', 'a', 'c' || n, 1, '{}'
+        FROM generate_series(1, 5000) AS n
+        """
+    )
+    parts = urlsplit(amqp_url())
+    proxy = TcpProxy(parts.hostname, parts.port)
+    await proxy.start()
+    broker = Broker(via_port(amqp_url(), proxy.port), event_settings.events.exchange)
+    try:
+        async with running_relay(event_settings, broker) as (relay, _):
+            await wait_until(lambda: _true(relay.published > 0))
+            await proxy.cut()  # mid-drain: batches in flight fail
+            # Reconnects fail every second: their line comes again once the interval is over.
+            await wait_until(lambda: _true(len(_lines(caplog, "RabbitMQ unreachable")) >= 2))
+            await proxy.start()
+            await wait_until(lambda: pending_is(db, 0), timeout=60)
+    finally:
+        if proxy.running:
+            await proxy.cut()
+    gc.collect()  # a task whose exception nobody took logs it when it is collected
+    for record in caplog.records:
+        message = record.getMessage()
+        assert "never retrieved" not in message, message
+        if record.name.split(".")[0] in LIBRARY_LOGGERS:
+            assert record.levelno < logging.ERROR, (record.name, message)
+    first, second, *_ = _lines(caplog, "RabbitMQ unreachable")
+    assert (first.levelno, second.levelno) == (logging.WARNING, logging.WARNING)
+    assert "more like it since the last line" not in first.getMessage()
+    assert second.held_back >= 1, second.getMessage()  # the attempts in between, counted
+    assert f"(and {second.held_back} more like it" in second.getMessage()
+    assert len(_lines(caplog, "RabbitMQ connection lost")) <= 1  # one connection, lost once
+
+
+def _lines(caplog, start: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith(start)]
+
+
+def test_a_broker_that_closes_the_connection_is_a_warning_not_an_error():
+    # A RabbitMQ that shuts down cleanly closes its connections (320 CONNECTION_FORCED), which
+    # aiormq logs as an ERROR; it is the outage's first line, a WARNING, and the next ones
+    # within the interval are held back.
+    logs = amqp_logs.ConnectionLogs(interval=60)
+    reason = "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"
+
+    def closed() -> logging.LogRecord:
+        return logging.LogRecord(
+            "aiormq.connection", logging.ERROR, __file__, 1, amqp_logs.CLOSED_BY_BROKER[1],
+            ("<Connection>", 320, reason), None,
+        )  # fmt: skip
+
+    first = closed()
+    assert logs.filter(first)
+    assert (first.levelno, first.levelname) == (logging.WARNING, "WARNING")
+    assert first.getMessage() == f"RabbitMQ closed the connection (320 {reason})"
+    assert not logs.filter(closed())
 
 
 # --- relays: crash between publish and mark, and only one active ------------------------------
@@ -430,16 +512,27 @@ async def test_commits_within_the_linger_after_a_notify_go_out_in_one_batch(
         event_settings.events, relay_linger_seconds=2.0, relay_poll_interval_seconds=30
     )
     settings = dataclasses.replace(event_settings, events=lingering)
-    async with running_relay(settings, broker) as (relay, _):
-        await wait_until(lambda: _true(relay.is_active))
-        await asyncio.sleep(0.3)  # its first drain found nothing: it waits for a NOTIFY
+    async with running_relay(settings, broker):
+        # Its first drain read nothing: from now on a NOTIFY starts its reads.
+        await wait_until(lambda: relay_last_ran(db, "%published_at IS NULL%"))
         await write_events(event_settings, aiohttp_client, headers, 3)  # well within 2 s
         received = await subscriber.receive(3)
     assert len({start for _, _, start, _, _ in log}) == 1  # one batch
     assert [m.message_id for m in received] == [message_id for *_, message_id in log]
 
 
-async def test_published_rows_past_retention_are_removed_in_batches(event_settings, db):
+RETENTION_SECONDS = 72 * 3600.0
+
+
+async def remove_published(db_url: str) -> int:
+    """One housekeeping run of the outbox's retention (72 hours): the rows it removed."""
+    async with asyncpg.create_pool(db_url, min_size=1, max_size=1) as pool:
+        removed = await housekeeping.run_once(pool, [published_outbox_rows(RETENTION_SECONDS)])
+    assert removed is not None
+    return removed["published outbox rows"]
+
+
+async def test_published_rows_past_retention_are_removed_in_batches(db, db_url):
     await db.execute(
         """
         INSERT INTO outbox (event_id, event_type, account_id, conversation_id, sequence, payload,
@@ -450,13 +543,12 @@ async def test_published_rows_past_retention_are_removed_in_batches(event_settin
         FROM generate_series(1, 2700) AS n
         """
     )
-    relay = Relay(event_settings.database_url, Broker(amqp_url(), "unused"), event_settings.events)
-    assert await relay.remove_published(db) == 2500
+    assert await remove_published(db_url) == 2500
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 100
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 100
 
 
-async def test_retention_reads_only_the_oldest_rows_and_passes_a_pending_one(event_settings, db):
+async def test_retention_reads_only_the_oldest_rows_and_passes_a_pending_one(db, db_url):
     """Nothing expired: the statement reads one batch of the oldest rows, not the outbox. A row
     still pending among the oldest (its broker was down) does not keep back the expired rows
     published after it."""
@@ -471,20 +563,20 @@ async def test_retention_reads_only_the_oldest_rows_and_passes_a_pending_one(eve
         FROM generate_series(1, 20000) AS n
         """
     )
-    relay = Relay(event_settings.database_url, Broker(amqp_url(), "unused"), event_settings.events)
-    assert await relay.remove_published(db) == 2499
+    assert await remove_published(db_url) == 2499
     ids = await db.fetch("SELECT id FROM outbox ORDER BY id LIMIT 2")
     assert await db.fetchval("SELECT published_at IS NULL FROM outbox WHERE id = $1", ids[0]["id"])
     assert await db.fetchval("SELECT count(*) FROM outbox") == 20000 - 2499
+    batch = housekeeping.BATCH_SIZE
     plan = await db.fetchval(
-        f"EXPLAIN (ANALYZE, FORMAT JSON) {DELETE_PUBLISHED}", 72 * 3600.0, CLEANUP_BATCH
+        f"EXPLAIN (ANALYZE, FORMAT JSON) {DELETE_PUBLISHED_OUTBOX}", batch, RETENTION_SECONDS
     )
     scans = [n for n in plan_nodes(orjson.loads(plan)[0]["Plan"]) if "Relation Name" in n]
     assert scans, plan
     read = [
         (n["Actual Rows"] + n.get("Rows Removed by Filter", 0)) * n["Actual Loops"] for n in scans
     ]
-    assert max(read) <= CLEANUP_BATCH, plan
+    assert max(read) <= batch, plan
 
 
 # --- events tail ------------------------------------------------------------------------------

@@ -17,12 +17,12 @@ from service.api.app import create_app
 from service.api.auth import mint_token
 from service.api.keys import DEPENDENCY_LOG
 from service.events.broker import Broker
-from service.events.relay import (
+from service.events.partitions import (
     JOIN,
     PARTITION_LOCK_CLASS,
     RELAY_LOCK_KEY,
-    Relay,
 )
+from service.events.relay import Relay
 from service.logs import (
     REQUEST_ID_VAR,
     AccessLogger,

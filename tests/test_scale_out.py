@@ -18,12 +18,14 @@ import orjson
 import pytest
 
 from service.events.broker import Broker, declare_topology
-from service.events.relay import (
+from service.events.partitions import (
     JOIN,
     PARTITION_LOCK_CLASS,
     RELAY_LOCK_KEY,
+    PartitionShare,
+)
+from service.events.relay import (
     SESSION_SETTINGS,
-    STANDBY_RETRY_SECONDS,
     Relay,
     select_pending_of,
 )
@@ -33,6 +35,7 @@ from tests.events_support import (
     Subscriber,
     amqp_url,
     pending_is,
+    relay_last_ran,
     running_relay,
     wait_until,
 )
@@ -290,7 +293,8 @@ async def test_relays_wait_while_a_single_leader_relay_of_the_earlier_version_ru
     expected = set(await fill(db, conversations=10, events_each=2))
     exchange = event_settings.events.exchange
     async with running_relay(event_settings, Broker(amqp_url(), exchange)) as (relay, _):
-        await subscriber.nothing_more(STANDBY_RETRY_SECONDS + 1)  # it tried, and stood by
+        await wait_until(lambda: relay_last_ran(db, "%pg_try_advisory_lock_shared%"))  # it tried
+        assert subscriber.messages.empty()  # and stood by
         assert relay.partitions == ()
         await db.execute("SELECT pg_advisory_unlock($1)", RELAY_LOCK_KEY)  # the old one stopped
         messages = await receive_all(subscriber, expected)
@@ -332,28 +336,26 @@ async def test_a_relay_with_some_partitions_reads_no_more_than_its_batch(db, db_
     assert sum(node.get("Rows Removed by Filter", 0) for node in scans) == len(in_flight)
 
 
-async def test_mid_drain_a_relay_takes_free_partitions_but_releases_none(event_settings, db_url):
+async def test_mid_drain_a_relay_takes_free_partitions_but_releases_none(db_url):
     # The shares are looked at between the batches of a drain, with a batch in flight: taking
     # a free partition is safe then (the next read starts at its oldest row), releasing one is
     # not (the taker would publish the rows in flight again), so that waits for the batch.
-    broker = Broker(amqp_url(), event_settings.events.exchange)  # never connected: no publishing
-    a = Relay(db_url, broker, event_settings.events)
-    b = Relay(db_url, broker, event_settings.events)
+    a, b = PartitionShare(), PartitionShare()  # two relays' shares, without their relays
     conn_a = await asyncpg.connect(db_url, server_settings=SESSION_SETTINGS)
     conn_b = await asyncpg.connect(db_url, server_settings=SESSION_SETTINGS)
     try:
         assert await conn_a.fetchval(JOIN, RELAY_LOCK_KEY)
         assert await a.rebalance(conn_a, in_flight=True)  # alone: it takes them all
-        assert len(a.partitions) == PARTITIONS
+        assert len(a.held) == PARTITIONS
         assert await conn_b.fetchval(JOIN, RELAY_LOCK_KEY)
         assert not await a.rebalance(conn_a, in_flight=True)  # over its share, batch in flight
-        assert len(a.partitions) == PARTITIONS
+        assert len(a.held) == PARTITIONS
         assert await b.rebalance(conn_b, in_flight=True)  # nothing free yet
-        assert b.partitions == ()
+        assert b.held == ()
         assert await a.rebalance(conn_a)  # the batch is marked: it releases its extras
-        assert len(a.partitions) == PARTITIONS // 2
+        assert len(a.held) == PARTITIONS // 2
         assert await b.rebalance(conn_b, in_flight=True)  # and b takes them mid-drain
-        assert sorted(a.partitions + b.partitions) == list(range(PARTITIONS))
+        assert sorted(a.held + b.held) == list(range(PARTITIONS))
     finally:
         await conn_a.close()
         await conn_b.close()

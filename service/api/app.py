@@ -129,11 +129,14 @@ async def events(app: web.Application) -> AsyncIterator[None]:
 
 
 async def housekeeping_task(app: web.Application) -> AsyncIterator[None]:
-    """Rows past their retention (sync tombstones, idempotency keys) removed every minute or so,
-    in bounded batches, by one process of all replicas at a time (a PostgreSQL advisory lock)."""
+    """Rows past their retention (sync tombstones, idempotency keys, published outbox rows)
+    removed every minute or so, in bounded batches, by one process of all replicas at a time (a
+    PostgreSQL advisory lock). Every `serve` process runs it, with or without its relay."""
+    settings = app[SETTINGS]
     cleanups = [
-        sync.expired_tombstones(app[SETTINGS].sync_retention_seconds),
+        sync.expired_tombstones(settings.sync_retention_seconds),
         idempotency.EXPIRED_KEYS,
+        housekeeping.published_outbox_rows(settings.events.outbox_retention_hours * 3600),
     ]
     task = asyncio.create_task(housekeeping.run_periodically(app[DB_POOL], cleanups))
     yield

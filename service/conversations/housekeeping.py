@@ -1,12 +1,13 @@
-"""Housekeeping: rows past their retention (delta-sync tombstones, idempotency keys) removed
-periodically, in bounded batches, by one process of all replicas at a time.
+"""Housekeeping: rows past their retention (delta-sync tombstones, idempotency keys, published
+outbox rows) removed periodically, in bounded batches, by one process of all replicas at a time.
 
 Each cleanup is one statement that removes at most `$1` rows (further parameters follow) and
-returns how many it removed; it runs again until a batch comes back short. Every batch is its
-own short transaction that first takes a transaction-scoped advisory lock: while one process
-is deleting, the others skip their pass, no lock or snapshot is held for long, a process that
-dies leaves no lock behind and no session state on the pool's connections (PgBouncer in
-transaction mode stays safe), and an interrupted run loses nothing: the next one carries on.
+returns how many it removed; it runs again until a batch comes back short (a windowed one:
+until a batch removes none). Every batch is its own short transaction that first takes a
+transaction-scoped advisory lock: while one process is deleting, the others skip their pass, no
+lock or snapshot is held for long, a process that dies leaves no lock behind and no session
+state on the pool's connections (PgBouncer in transaction mode stays safe), and an interrupted
+run loses nothing: the next one carries on.
 """
 
 import asyncio
@@ -31,11 +32,17 @@ TRY_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
 @dataclass(frozen=True, slots=True)
 class Cleanup:
     """A named batched delete: `statement` removes at most `$1` rows and returns the count;
-    `arguments` are its `$2`, `$3`, ..."""
+    `arguments` are its `$2`, `$3`, ...
+
+    `windowed`: the statement removes what expired among the `$1` oldest rows, so a short batch
+    does not mean that it is done (a row not yet expired may sit among the oldest): it runs
+    again until a batch removes none.
+    """
 
     name: str
     statement: str
     arguments: tuple[object, ...] = ()
+    windowed: bool = False
 
 
 async def run_once(
@@ -52,7 +59,7 @@ async def run_once(
                         return None
                     count = await conn.fetchval(cleanup.statement, batch_size, *cleanup.arguments)
                 removed[cleanup.name] += count
-                if count < batch_size:
+                if count == 0 or (count < batch_size and not cleanup.windowed):
                     break
             if removed[cleanup.name]:
                 log.info("housekeeping: %s: removed %d rows", cleanup.name, removed[cleanup.name])
@@ -83,3 +90,31 @@ async def run_periodically(
                     type(error).__name__,
                     interval,
                 )
+
+
+# Of the outbox's oldest rows, those published longer ago than the retention ($2, seconds).
+# Rows are published about in id order, so the expired ones are the oldest: each batch reads
+# only its window of the primary key, never the whole outbox looking for rows that have not
+# expired yet, and a row still pending among the oldest does not hold back those after it.
+DELETE_PUBLISHED_OUTBOX = """
+WITH expired AS (
+    DELETE FROM outbox
+    WHERE id IN (
+        SELECT id FROM (SELECT id, published_at FROM outbox ORDER BY id LIMIT $1) AS oldest
+        WHERE published_at < now() - make_interval(secs => $2)
+    )
+    RETURNING 1
+)
+SELECT count(*) FROM expired
+"""
+
+
+def published_outbox_rows(retention_seconds: float) -> Cleanup:
+    """The housekeeping job that removes outbox rows published longer ago than the retention
+    (OUTBOX_RETENTION_HOURS): the relay marks rows, housekeeping removes them."""
+    return Cleanup(
+        "published outbox rows",
+        DELETE_PUBLISHED_OUTBOX,
+        (retention_seconds,),
+        windowed=True,
+    )

@@ -9,7 +9,9 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
 
-from service.backoff import Backoff, first_set, sleep_unless
+from service.backoff import first_set
+from service.events import amqp_logs
+from service.events.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,8 @@ class Broker:
 
         After the first success the robust connection reconnects (and re-declares) by itself.
         """
-        backoff = Backoff()
+        amqp_logs.install()
+        retry = Retry(log, stopping)
         while not stopping.is_set():
             try:
                 connection = await aio_pika.connect_robust(
@@ -102,11 +105,7 @@ class Broker:
                     reconnect_interval=RECONNECT_INTERVAL_SECONDS,
                 )
             except BROKER_UNAVAILABLE as error:
-                delay = backoff.next_delay()
-                log.warning(
-                    "RabbitMQ unreachable (%s); retrying in %.1fs", type(error).__name__, delay
-                )
-                await sleep_unless(stopping, delay)
+                await retry.wait("RabbitMQ unreachable", error)
                 continue
             try:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -179,11 +178,17 @@ class Broker:
             for publish in unconfirmed:
                 publish.cancel()
             await asyncio.gather(*unconfirmed, return_exceptions=True)
-        for confirmed, publish in enumerate(publishes):
-            if publish.cancelled():
-                return confirmed, TimeoutError(f"not confirmed within {confirm_timeout:g}s")
-            if (error := publish.exception()) is not None:
-                return confirmed, error
+        # Every outcome is taken, also after the first failure: a publish's exception left
+        # unread is logged as an ERROR ("Task exception was never retrieved") when collected.
+        failures = [
+            TimeoutError(f"not confirmed within {confirm_timeout:g}s")
+            if publish.cancelled()
+            else publish.exception()
+            for publish in publishes
+        ]
+        for confirmed, failure in enumerate(failures):
+            if failure is not None:
+                return confirmed, failure
         return len(publishes), None
 
     async def close(self) -> None:

@@ -23,7 +23,8 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.events.broker import declare_topology
-from service.events.relay import PARTITION_LOCK_CLASS, SESSION_SETTINGS
+from service.events.partitions import PARTITION_LOCK_CLASS
+from service.events.relay import SESSION_SETTINGS
 from tests.bench.load import LoadResult, percentile
 
 EXCHANGE = "conversations_bench"
