@@ -1,6 +1,6 @@
 """The benchmark harness behind `make bench`: seed, start each server, drive it, report.
 
-    python -m tests.bench.run [--quick] [--profile] [--only relay] [--only relays] [--only jwks]
+    python -m tests.bench.run [--quick] [--profile] [--only SCENARIO ...]
 
 Needs DATABASE_URL (a server where it may drop and create `conversations_bench`), AMQP_URL and
 JWT_HS256_SECRETS, as `make env` prints them (`make bench` sets them). Prints each figure as it
@@ -93,7 +93,7 @@ class Plan:
     profile: bool
     rounds: int  # of scenario 1, whose targets use each subject's best round
     data: SeedPlan
-    only: tuple[str, ...] = ()  # just these scenarios (ALONE, relay, relays); no document
+    only: tuple[str, ...] = ()  # just these scenarios (ALONE, relay, and those with their own services); no document
 
 
 QUICK = Plan("quick", 5, 2, 15, 5, 20_000, False, 1, SeedPlan(1_000, 100, 100_000))
@@ -929,14 +929,16 @@ async def main(plan: Plan) -> None:
     )
     async with broker_sink(os.environ["AMQP_URL"]) as sink:
         if plan.only:
+            # Scenarios that start their own services (or relays, and no service).
+            own: dict[str, Callable[[], Awaitable[None]]] = {
+                "relays": lambda: scenario_relays(bench, sink),
+                "ratelimits": lambda: scenario_rate_limits(bench),
+                "jwks": lambda: scenario_jwks(bench),
+                "tracing": lambda: scenario_tracing(bench),
+            }
             for name in plan.only:
-                if name == "relays":  # its own relays, no service
-                    await scenario_relays(bench, sink)
-                    continue
-                if name == "jwks":  # its own services
-                    await scenario_jwks(bench)
-                if name == "tracing":  # its own services, three of them
-                    await scenario_tracing(bench)
+                if name in own:
+                    await own[name]()
                     continue
                 async with service(bench) as server:
                     if name == "relay":  # the service's relay, and the broker's sink
@@ -1006,7 +1008,7 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--profile", action="store_true", help="profile in quick mode too (py-spy)")
     parser.add_argument(
         "--only",
-        choices=sorted([*ALONE, "relay", "relays", "jwks", "tracing"]),
+        choices=sorted([*ALONE, "relay", "relays", "ratelimits", "jwks", "tracing"]),
         action="append",
         default=[],
         help="run only this scenario (repeatable); prints, writes no document",
