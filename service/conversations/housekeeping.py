@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from service.errors import DATABASE_UNAVAILABLE
+from service.errors import DATABASE_SESSION_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ async def run_periodically(
             except Exception as error:  # the job must outlive a bad round; the type says what
                 level = (
                     logging.WARNING
-                    if isinstance(error, (*DATABASE_UNAVAILABLE, asyncpg.PostgresError))
+                    if isinstance(error, DATABASE_SESSION_FAILURES)
                     else logging.ERROR
                 )
                 log.log(
