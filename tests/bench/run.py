@@ -93,7 +93,8 @@ class Plan:
     profile: bool
     rounds: int  # of scenario 1, whose targets use each subject's best round
     data: SeedPlan
-    only: tuple[str, ...] = ()  # just these scenarios (ALONE, relay, and those with their own services); no document
+    # Just these scenarios (ALONE, relay, and those with their own services); no document.
+    only: tuple[str, ...] = ()
 
 
 QUICK = Plan("quick", 5, 2, 15, 5, 20_000, False, 1, SeedPlan(1_000, 100, 100_000))
