@@ -477,6 +477,9 @@ def test_parse_key_set_skips_what_cannot_sign_for_us(keys):
         jwk(None, keys["ec-1"]),
         {**ECAlgorithm.to_jwk(keys["ec-1"], as_dict=True), "kid": "private"},
         jwk("mislabelled", keys["ec-1"], alg="RS256"),
+        # Members of the wrong JSON type: PyJWT raises TypeError for some, not its own errors.
+        {**jwk(None, keys["rsa-1"]), "kid": "alg-list", "alg": ["RS256"]},
+        {"kty": "RSA", "kid": "no-n", "e": "AQAB"},
     ]
     parsed = parse_key_set({"keys": entries})
     assert set(parsed.by_kid) == {"good"}
@@ -490,6 +493,8 @@ def test_parse_key_set_skips_what_cannot_sign_for_us(keys):
         "#6: no `kid`",
         "'private': a private key",
         "'mislabelled': unreadable",
+        "'alg-list': unreadable",
+        "'no-n': unreadable",
     ):
         assert expected in reasons
     with pytest.raises(UnusableDocument, match="no usable key"):

@@ -121,7 +121,9 @@ def _signing_key(entry: object) -> SigningKey:
         raise UnusableDocument("not a signature key (`use` is not `sig`)")
     try:
         jwk = jwt.PyJWK(entry)  # kty, crv and alg decide the algorithm
-    except jwt.PyJWTError:
+    # PyJWT raises its own errors for what it checks, and KeyError, TypeError or ValueError
+    # (binascii's and cryptography's included) for a missing or undecodable member.
+    except (jwt.PyJWTError, KeyError, TypeError, ValueError):
         # PyJWT's message quotes the whole key: ours names the fields that decide.
         raise UnusableDocument(
             f"unreadable (kty {entry.get('kty')!r}, crv {entry.get('crv')!r}, "
