@@ -299,6 +299,16 @@ def test_verifier_returns_the_account_and_scopes():
     assert verifier().verify(hs256(no_scope)).scopes == frozenset()
 
 
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+def test_a_time_claim_too_large_for_a_number_is_401(claim):
+    # Python's JSON reads Infinity (and 1e999) as inf, which no int can hold.
+    token = handmade(
+        {"alg": "HS256", "typ": "JWT"}, {**claims(), claim: float("inf")}, TEST_SECRET.encode()
+    )
+    with pytest.raises(InvalidToken, match=f"{claim} claim is not a number"):
+        verifier().verify(token)
+
+
 def test_leeway_accepts_a_just_expired_token():
     token = hs256(claims(ttl=-5))
     with pytest.raises(InvalidToken, match="expired"):

@@ -169,7 +169,7 @@ class TokenVerifier:
             if claim in claims:
                 try:
                     times[claim] = int(claims[claim])  # type: ignore[call-overload]
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):  # 1e999 is inf
                     raise InvalidToken(
                         f"The bearer token's {claim} claim is not a number."
                     ) from None
