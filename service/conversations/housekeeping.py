@@ -95,7 +95,8 @@ async def run_periodically(
 # Of the outbox's oldest rows, those published longer ago than the retention ($2, seconds).
 # Rows are published about in id order, so the expired ones are the oldest: each batch reads
 # only its window of the primary key, never the whole outbox looking for rows that have not
-# expired yet, and a row still pending among the oldest does not hold back those after it.
+# expired yet, and fewer than a batch of rows still pending among the oldest do not hold back
+# those after them (a batch of them does: a partition that long stuck stops retention).
 DELETE_PUBLISHED_OUTBOX = """
 WITH expired AS (
     DELETE FROM outbox

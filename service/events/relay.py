@@ -22,7 +22,7 @@ import aiormq
 import asyncpg
 
 from service.backoff import Backoff, first_set, sleep_unless
-from service.errors import DATABASE_UNAVAILABLE
+from service.errors import DATABASE_SESSION_FAILURES, DATABASE_UNAVAILABLE
 from service.events.broker import BROKER_UNAVAILABLE, Broker, Outgoing
 from service.events.inflight import InFlight, PublishOutcome
 from service.events.partitions import PartitionShare
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # What ends the relay's database session; it reconnects with backoff. asyncpg's protocol raises
 # InternalClientError when the server ends the session in the middle of a query.
-SESSION_LOST = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError, asyncpg.InternalClientError)
+SESSION_LOST = (*DATABASE_SESSION_FAILURES, asyncpg.InternalClientError)
 
 APP_ID = "conversations"
 NOTIFY_CHANNEL = "outbox"
