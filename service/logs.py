@@ -72,6 +72,14 @@ class Throttle:
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
+def trace_fields(span: trace.SpanContext | None) -> dict[str, str]:
+    """A log line's `trace_id` and `span_id` (hex, as W3C traceparent spells them); none
+    outside a span."""
+    if span is None or not span.is_valid:
+        return {}
+    return {"trace_id": f"{span.trace_id:032x}", "span_id": f"{span.span_id:016x}"}
+
+
 class JsonFormatter(logging.Formatter):
     """`{"timestamp", "level", "logger", "message", ...extra}` on one line, with `trace_id` and
     `span_id` when written inside a span; of an exception, only its type and where it was raised
@@ -96,10 +104,8 @@ class JsonFormatter(logging.Formatter):
         request_id = current_request_id()
         if request_id is not None:
             entry["request_id"] = request_id
-        span = trace.get_current_span().get_span_context()
-        if span.is_valid:  # written inside a span (tracing on): the line joins its trace
-            entry["trace_id"] = f"{span.trace_id:032x}"
-            entry["span_id"] = f"{span.span_id:016x}"
+        # Written inside a span (tracing on): the line joins its trace.
+        entry.update(trace_fields(trace.get_current_span().get_span_context()))
         if record.exc_info and record.exc_info[1] is not None:
             entry["error"] = describe_exception(record.exc_info[1])
         attributes = record.__dict__
@@ -192,7 +198,6 @@ class AccessLogger(web.AbstractAccessLogger):
                 "route": route,
                 "status": response.status,
                 "duration": round(time, 6),
-                "trace_id": f"{span.trace_id:032x}" if span else None,
-                "span_id": f"{span.span_id:016x}" if span else None,
+                **trace_fields(span),
             },
         )
