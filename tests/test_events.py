@@ -26,6 +26,7 @@ from service.backoff import Backoff
 from service.conversations import housekeeping
 from service.conversations.housekeeping import DELETE_PUBLISHED_OUTBOX, published_outbox_rows
 from service.events import amqp_logs
+from service.events import relay as relay_module
 from service.events.broker import Broker, Outgoing
 from service.events.relay import (
     SELECT_PENDING,
@@ -372,6 +373,59 @@ def test_a_broker_that_closes_the_connection_is_a_warning_not_an_error():
     assert (first.levelno, first.levelname) == (logging.WARNING, "WARNING")
     assert first.getMessage() == f"RabbitMQ closed the connection (320 {reason})"
     assert not logs.filter(closed())
+
+
+def test_what_is_not_an_outage_passes_as_the_library_wrote_it():
+    # A reader that failed on something else than a lost connection (a malformed frame), and
+    # a broker closing for another reason (access refused), are faults: ERROR, traceback kept.
+    logs = amqp_logs.ConnectionLogs(interval=60)
+    try:
+        raise ValueError("malformed frame")
+    except ValueError:
+        exc_info = sys.exc_info()
+    reader = logging.LogRecord(
+        "aiormq.connection", logging.WARNING, __file__, 1, amqp_logs.READER_FAILED[1], (), exc_info
+    )
+    refused = logging.LogRecord(
+        "aiormq.connection", logging.ERROR, __file__, 1, amqp_logs.CLOSED_BY_BROKER[1],
+        ("<Connection>", 403, "ACCESS_REFUSED"), None,
+    )  # fmt: skip
+    for record in (reader, refused):
+        message, level = record.getMessage(), record.levelno
+        assert logs.filter(record)
+        assert (record.getMessage(), record.levelno) == (message, level)
+    assert reader.exc_info is exc_info
+    # A lost connection is the outage's line.
+    lost = logging.LogRecord(
+        "aiormq.connection", logging.WARNING, __file__, 1, amqp_logs.READER_FAILED[1], (),
+        (ConnectionResetError, ConnectionResetError(), None),
+    )  # fmt: skip
+    assert logs.filter(lost)
+    assert lost.getMessage() == "RabbitMQ connection lost (ConnectionResetError)"
+
+
+@pytest.mark.parametrize(
+    ("error", "at_most"),
+    [
+        (ConnectionRefusedError(), relay_module.RECONNECT_INTERVAL_SECONDS),
+        (asyncpg.CannotConnectNowError("starting up"), relay_module.RECONNECT_INTERVAL_SECONDS),
+        (asyncpg.InterfaceError("connection is closed"), relay_module.RECONNECT_INTERVAL_SECONDS),
+        (asyncpg.DataError("a bug"), None),  # an InterfaceError too, but not the database's absence
+        (asyncpg.QueryCanceledError("statement timeout"), None),  # a slow database: back off
+        (asyncpg.TooManyConnectionsError("full"), None),
+    ],
+)
+async def test_only_an_absent_database_is_tried_again_within_the_second(error, at_most):
+    waits = []
+
+    class Recorder:
+        async def wait(self, what, error, *, at_most=None):
+            waits.append(at_most)
+
+    relay = relay_module.Relay.__new__(relay_module.Relay)
+    relay._database = Recorder()
+    await relay._database_failed("PostgreSQL connection lost", error)
+    assert waits == [at_most]
 
 
 # --- relays: crash between publish and mark, and only one active ------------------------------

@@ -8,6 +8,7 @@ callback, an ERROR. An outage is not a fault of the service: the lines that repe
 says are dropped, the rest pass one per kind per interval, counting those held back.
 """
 
+import asyncio
 import logging
 
 import aio_pika
@@ -30,6 +31,17 @@ CLOSED_BY_BROKER = (
 )
 # aio-pika's robust channel, closing with its connection, fails in its own close callback.
 CALLBACK_FAILED = ("aio_pika.tools", "Callback %r error: %s: %s")
+# What a lost connection fails the reader with. Anything else (a malformed frame) is a fault,
+# not an outage: its record passes as aiormq wrote it, traceback included.
+CONNECTION_LOST = (
+    ConnectionError,
+    OSError,
+    asyncio.IncompleteReadError,
+    aiormq.exceptions.AMQPConnectionError,
+)
+# The broker's reply code when it closes connections itself (stopping, or an operator closing
+# them): an outage. Other codes (access refused, a protocol error) pass as aiormq wrote them.
+CONNECTION_FORCED = 320
 
 
 class ConnectionLogs(logging.Filter):
@@ -50,10 +62,14 @@ class ConnectionLogs(logging.Filter):
             return self._summary(record, "RabbitMQ unreachable", error, reconnect)
         if key == READER_FAILED:
             error = record.exc_info[1] if record.exc_info else None
+            if error is not None and not isinstance(error, CONNECTION_LOST):
+                return True
             return self._summary(record, "RabbitMQ connection lost", error, "")
         if key == CLOSED_BY_BROKER:
             args = record.args if isinstance(record.args, tuple) else ()
-            code = f" ({args[1]} {args[2]})" if len(args) > 2 else ""
+            if len(args) < 3 or args[1] != CONNECTION_FORCED:
+                return True
+            code = f" ({args[1]} {args[2]})"
             return self._summary(record, f"RabbitMQ closed the connection{code}", None, "")
         return True
 

@@ -22,7 +22,7 @@ import aiormq
 import asyncpg
 
 from service.backoff import Backoff, first_set, sleep_unless
-from service.errors import DATABASE_SESSION_FAILURES, DATABASE_UNAVAILABLE
+from service.errors import DATABASE_SESSION_FAILURES, DatabaseUnreachable
 from service.events.broker import BROKER_UNAVAILABLE, Broker, Outgoing
 from service.events.inflight import InFlight, PublishOutcome
 from service.events.partitions import PartitionShare
@@ -33,9 +33,22 @@ from service.settings import EventSettings
 
 log = logging.getLogger(__name__)
 
-# What ends the relay's database session; it reconnects with backoff. asyncpg's protocol raises
-# InternalClientError when the server ends the session in the middle of a query.
-SESSION_LOST = (*DATABASE_SESSION_FAILURES, asyncpg.InternalClientError)
+# What says the server is not there right now (refused, starting up, stopped, the connection
+# dropped or closed under the session): tried again within the second, as a refused connection
+# costs the server nothing. A statement timeout, too many connections, or asyncpg's DataError and
+# ClientConfigurationError (InterfaceErrors, like a closed connection's, but bugs) back off in full.
+NOT_THERE = (
+    OSError,
+    TimeoutError,
+    DatabaseUnreachable,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.InternalClientError,
+)
+NOT_THERE_BUT_BUGS = (asyncpg.DataError, asyncpg.ClientConfigurationError)
 
 APP_ID = "conversations"
 NOTIFY_CHANNEL = "outbox"
@@ -145,6 +158,10 @@ def _record(metrics: Metrics, rows: list[asyncpg.Record], confirmed: int, second
         metrics.events_published.labels(event_type, outcome).inc(count)
 
 
+def _not_there(error: BaseException) -> bool:
+    return isinstance(error, NOT_THERE) and not isinstance(error, NOT_THERE_BUT_BUGS)
+
+
 class Relay:
     """Drains its share of the outbox's partitions to the broker; stands by with none."""
 
@@ -191,12 +208,12 @@ class Relay:
                     server_settings=SESSION_SETTINGS,
                     timeout=CONNECT_TIMEOUT_SECONDS,
                 )
-            except SESSION_LOST as error:
+            except DATABASE_SESSION_FAILURES as error:  # it reconnects
                 await self._database_failed("PostgreSQL unreachable", error)
                 continue
             try:
                 await self._serve(conn)
-            except SESSION_LOST as error:
+            except DATABASE_SESSION_FAILURES as error:  # it reconnects
                 await self._database_failed("PostgreSQL connection lost", error)
             except Exception as error:  # a bug must not end publishing for this process's life
                 log.error("relay failed (%s); starting over", type(error).__name__)
@@ -207,9 +224,10 @@ class Relay:
 
     async def _database_failed(self, what: str, error: BaseException) -> None:
         """Back off; while the database is unavailable, try again within the second."""
-        unavailable = isinstance(error, DATABASE_UNAVAILABLE)
         await self._database.wait(
-            what, error, at_most=RECONNECT_INTERVAL_SECONDS if unavailable else None
+            what,
+            error,
+            at_most=RECONNECT_INTERVAL_SECONDS if _not_there(error) else None,
         )
 
     async def _serve(self, conn: asyncpg.Connection) -> None:
@@ -334,9 +352,13 @@ class Relay:
         started = time.perf_counter()
         messages = [build_message(row) for row in rows]
         spans = start_publish_spans(self._settings.exchange, messages)  # None: tracing off
-        confirmed, failure = await self._broker.publish_batch(
-            messages, PUBLISH_CONFIRM_TIMEOUT_SECONDS
-        )
+        try:
+            confirmed, failure = await self._broker.publish_batch(
+                messages, PUBLISH_CONFIRM_TIMEOUT_SECONDS
+            )
+        except BaseException as error:  # cancelled at shutdown: the spans end all the same
+            end_publish_spans(spans, 0, error)
+            raise
         end_publish_spans(spans, confirmed, failure)
         if self._metrics is not None:
             _record(self._metrics, rows, confirmed, time.perf_counter() - started)
